@@ -1,0 +1,64 @@
+// Every operator schema of sslops lives in this one TORCH_LIBRARY block.
+// Kernels are registered per device in csrc/cpu/*.cpp (CPU) and
+// csrc/cuda/*.cu (CUDA); fake (meta) kernels and autograd are registered in
+// Python (sslops/<op>.py).  A CPU-only build simply lacks the CUDA kernels.
+#include <Python.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#ifndef SSLOPS_WITH_CUDA
+#define SSLOPS_WITH_CUDA 0
+#endif
+
+extern "C" {
+// `import sslops._C` loads this shared object, which runs the static
+// registrations below; the module itself is empty.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace sslops {
+static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
+
+// SimCLR's case of nt_xent_lse: q = c = z, each row leaves out itself.  One
+// device-generic kernel that calls the per-device nt_xent_lse; it exists as an
+// op of its own so that its autograd can use nt_xent_lse_backward_sym.
+static at::Tensor nt_xent_lse_sym(const at::Tensor& z, double inv_temp) {
+  TORCH_CHECK(z.dim() == 2, "sslops::nt_xent_lse_sym: z must be 2-D (M, D), got shape ", z.sizes());
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sslops::nt_xent_lse", "").typed<
+      at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is this op's, not nt_xent_lse's
+  return op.call(z, z, at::arange(z.size(0), z.options().dtype(at::kLong)), inv_temp);
+}
+}  // namespace sslops
+
+TORCH_LIBRARY(sslops, m) {
+  // Whether this build compiled the CUDA kernels.
+  m.def("_cuda_built() -> bool", &sslops::cuda_built);
+
+  // ---- nt_xent / info_nce (csrc/cpu/nt_xent.cpp, csrc/cuda/nt_xent.cu) ----
+  // lse[i] = logsumexp_{j != exclude[i]} inv_temp * <q[i], c[j]>, never building
+  // the (M, Kc) matrix.  q (M, D), c (Kc, D): same floating dtype and device.
+  // exclude: optional int64 (M,), a column per row to leave out, -1 for none.
+  // Returns (M,) float32 (float64 for float64 inputs).
+  m.def("nt_xent_lse(Tensor q, Tensor c, Tensor? exclude, float inv_temp) -> Tensor");
+  // Gradients of sum_i grad_lse[i] * lse[i] with respect to q and c.
+  m.def(
+      "nt_xent_lse_backward(Tensor grad_lse, Tensor q, Tensor c, Tensor? exclude, Tensor lse, "
+      "float inv_temp) -> (Tensor, Tensor)");
+  // Same for q = c = z with exclude[i] = i (SimCLR): the total gradient w.r.t. z,
+  // inv_temp * (A + A^T) z with A[i, j] = grad_lse[i] * softmax_i(j).
+  m.def("nt_xent_lse_backward_sym(Tensor grad_lse, Tensor z, Tensor lse, float inv_temp) -> Tensor");
+  // nt_xent_lse(z, z, arange(M), inv_temp); autograd uses the _sym backward.
+  m.def("nt_xent_lse_sym(Tensor z, float inv_temp) -> Tensor");
+
+  // ---- masking (csrc/cpu/masking.cpp, csrc/cuda/masking.cu) ----
+
+  // ---- augment (csrc/cpu/augment.cpp, csrc/cuda/augment.cu) ----
+}
+
+TORCH_LIBRARY_IMPL(sslops, CompositeExplicitAutograd, m) {
+  m.impl("nt_xent_lse_sym", &sslops::nt_xent_lse_sym);
+}

@@ -1,0 +1,88 @@
+"""Build sslops and its compiled extension ``sslops._C``.
+
+C++ CPU kernels are always built.  CUDA kernels are built when nvcc and a CUDA
+build of torch are present; ``SSLOPS_CUDA=auto|0|1`` controls this (``1`` forces
+the CUDA build and fails loudly when it cannot happen, which is what CI uses to
+compile the CUDA kernels on a machine without a GPU).  ``TORCH_CUDA_ARCH_LIST``
+overrides the default target architectures (sm_80 and sm_90, plus PTX).
+
+Install with ``pip install --no-build-isolation -e .`` so that the extension is
+built against the torch that will run it.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _cuda_requested():
+    flag = os.environ.get("SSLOPS_CUDA", "auto").strip().lower()
+    if flag not in ("auto", "0", "1"):
+        raise RuntimeError(f"SSLOPS_CUDA must be auto, 0 or 1, got {flag!r}")
+    if flag == "0":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    available = CUDA_HOME is not None and torch.version.cuda is not None
+    if flag == "1" and not available:
+        raise RuntimeError(
+            "SSLOPS_CUDA=1 but the CUDA build is impossible: "
+            f"CUDA_HOME={CUDA_HOME!r}, torch.version.cuda={torch.version.cuda!r}"
+        )
+    return available
+
+
+def _cuda_include_dirs():
+    """Headers that CUDA torch wheels ship under site-packages/nvidia/*/include."""
+    dirs = []
+    try:
+        import nvidia
+
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    return dirs
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+    sources = ["csrc/sslops.cpp"] + rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp"]
+    kwargs = dict(
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_link_args=["-fopenmp"],
+        py_limited_api=False,
+    )
+    if _cuda_requested():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+        kwargs["include_dirs"] += _cuda_include_dirs()
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSSLOPS_WITH_CUDA=1"]
+        return [
+            CUDAExtension(
+                "sslops._C",
+                sources + rel("csrc/cuda/*.cu"),
+                extra_compile_args={"cxx": cxx + ["-DSSLOPS_WITH_CUDA=1"], "nvcc": nvcc},
+                **kwargs,
+            )
+        ]
+    return [CppExtension("sslops._C", sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""sslops: fused kernels for self-supervised learning.
+
+Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "reference"``;
+see :func:`sslops.backends` for what this install can run.
+"""
+from ._backend import BACKENDS, backends, cuda_built
+from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "backends",
+    "cuda_built",
+    "nt_xent",
+    "info_nce",
+    "NTXentLoss",
+    "InfoNCELoss",
+]

@@ -1,0 +1,338 @@
+"""Fused contrastive losses: SimCLR's NT-Xent and MoCo-style InfoNCE.
+
+Both reduce to a per-row log-sum-exp over a similarity matrix that the fused
+backends never build: ``sslops::nt_xent_lse`` walks it in tiles with an online
+log-sum-exp and saves only the (normalised) embeddings and one float per row
+for the backward, which recomputes the tiles.  The positive logit of each row
+is a plain row-wise dot product, so ``loss_i = lse_i - pos_i``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import _backend, _checks, reference
+from ._distributed import gather_with_grad, rank_and_world
+
+_backend.register_op(
+    "nt_xent", compiled=("nt_xent_lse", "nt_xent_lse_sym", "nt_xent_lse_backward", "nt_xent_lse_backward_sym"),
+    triton=True,
+)
+_backend.register_op(
+    "info_nce", compiled=("nt_xent_lse", "nt_xent_lse_backward"), triton=True,
+)
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ----------------------------------------------------------------------------
+# Fake kernels and autograd of the compiled ops (schemas: csrc/sslops.cpp)
+# ----------------------------------------------------------------------------
+def _lse_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("sslops::nt_xent_lse")
+def _(q, c, exclude, inv_temp):
+    return q.new_empty((q.shape[0],), dtype=_lse_dtype(q))
+
+
+@torch.library.register_fake("sslops::nt_xent_lse_sym")
+def _(z, inv_temp):
+    return z.new_empty((z.shape[0],), dtype=_lse_dtype(z))
+
+
+@torch.library.register_fake("sslops::nt_xent_lse_backward")
+def _(grad_lse, q, c, exclude, lse, inv_temp):
+    return torch.empty_like(q), torch.empty_like(c)
+
+
+@torch.library.register_fake("sslops::nt_xent_lse_backward_sym")
+def _(grad_lse, z, lse, inv_temp):
+    return torch.empty_like(z)
+
+
+def _setup_lse(ctx, inputs, output):
+    q, c, exclude, inv_temp = inputs
+    ctx.save_for_backward(q, c, exclude, output)
+    ctx.inv_temp = inv_temp
+
+
+def _backward_lse(ctx, grad):
+    q, c, exclude, lse = ctx.saved_tensors
+    grad_q, grad_c = torch.ops.sslops.nt_xent_lse_backward(grad, q, c, exclude, lse, ctx.inv_temp)
+    return grad_q, grad_c, None, None
+
+
+def _setup_lse_sym(ctx, inputs, output):
+    z, inv_temp = inputs
+    ctx.save_for_backward(z, output)
+    ctx.inv_temp = inv_temp
+
+
+def _backward_lse_sym(ctx, grad):
+    z, lse = ctx.saved_tensors
+    return torch.ops.sslops.nt_xent_lse_backward_sym(grad, z, lse, ctx.inv_temp), None
+
+
+if _backend.compiled_available():
+    torch.library.register_autograd("sslops::nt_xent_lse", _backward_lse, setup_context=_setup_lse)
+    torch.library.register_autograd("sslops::nt_xent_lse_sym", _backward_lse_sym, setup_context=_setup_lse_sym)
+
+
+# ----------------------------------------------------------------------------
+# Triton ops (triton_kernels/nt_xent.py), exposed as torch custom ops
+# ----------------------------------------------------------------------------
+def _tk():
+    from .triton_kernels import nt_xent as tk
+
+    return tk
+
+
+@torch.library.custom_op("sslops::nt_xent_lse_triton", mutates_args=())
+def nt_xent_lse_triton(q: Tensor, c: Tensor, exclude: Optional[Tensor], inv_temp: float) -> Tensor:
+    return _tk().nt_xent_lse(q, c, exclude, inv_temp)
+
+
+@torch.library.custom_op("sslops::nt_xent_lse_sym_triton", mutates_args=())
+def nt_xent_lse_sym_triton(z: Tensor, inv_temp: float) -> Tensor:
+    exclude = torch.arange(z.shape[0], device=z.device)
+    return _tk().nt_xent_lse(z, z, exclude, inv_temp)
+
+
+@torch.library.custom_op("sslops::nt_xent_lse_backward_triton", mutates_args=())
+def nt_xent_lse_backward_triton(
+    grad_lse: Tensor, q: Tensor, c: Tensor, exclude: Optional[Tensor], lse: Tensor, inv_temp: float
+) -> tuple[Tensor, Tensor]:
+    return _tk().nt_xent_lse_backward(grad_lse, q, c, exclude, lse, inv_temp)
+
+
+@torch.library.custom_op("sslops::nt_xent_lse_backward_sym_triton", mutates_args=())
+def nt_xent_lse_backward_sym_triton(grad_lse: Tensor, z: Tensor, lse: Tensor, inv_temp: float) -> Tensor:
+    return _tk().nt_xent_lse_backward_sym(grad_lse, z, lse, inv_temp)
+
+
+nt_xent_lse_triton.register_fake(lambda q, c, exclude, inv_temp: q.new_empty((q.shape[0],), dtype=torch.float32))
+nt_xent_lse_sym_triton.register_fake(lambda z, inv_temp: z.new_empty((z.shape[0],), dtype=torch.float32))
+nt_xent_lse_backward_triton.register_fake(
+    lambda grad_lse, q, c, exclude, lse, inv_temp: (torch.empty_like(q), torch.empty_like(c))
+)
+nt_xent_lse_backward_sym_triton.register_fake(lambda grad_lse, z, lse, inv_temp: torch.empty_like(z))
+
+
+def _backward_lse_triton(ctx, grad):
+    q, c, exclude, lse = ctx.saved_tensors
+    grad_q, grad_c = nt_xent_lse_backward_triton(grad, q, c, exclude, lse, ctx.inv_temp)
+    return grad_q, grad_c, None, None
+
+
+def _backward_lse_sym_triton(ctx, grad):
+    z, lse = ctx.saved_tensors
+    return nt_xent_lse_backward_sym_triton(grad, z, lse, ctx.inv_temp), None
+
+
+nt_xent_lse_triton.register_autograd(_backward_lse_triton, setup_context=_setup_lse)
+nt_xent_lse_sym_triton.register_autograd(_backward_lse_sym_triton, setup_context=_setup_lse_sym)
+
+
+# ----------------------------------------------------------------------------
+# Backend switch for the log-sum-exp
+# ----------------------------------------------------------------------------
+def _kernel_dtype(x: Tensor, backend: str) -> Tensor:
+    # The C++ CPU kernel takes float32/float64: half types are upcast (autograd
+    # casts the gradient back).  GPU backends take fp16/bf16 as they are.
+    if backend == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+        return x.float()
+    return x
+
+
+def _lse(q: Tensor, c: Tensor, exclude: Optional[Tensor], inv_temp: float, backend: str) -> Tensor:
+    if backend == "reference":
+        return reference.nt_xent_lse(q, c, exclude, inv_temp)
+    q, c = _kernel_dtype(q, backend), _kernel_dtype(c, backend)
+    if backend == "triton":
+        return nt_xent_lse_triton(q, c, exclude, inv_temp)
+    return torch.ops.sslops.nt_xent_lse(q, c, exclude, inv_temp)
+
+
+def _lse_sym(z: Tensor, inv_temp: float, backend: str) -> Tensor:
+    if backend == "reference":
+        return reference.nt_xent_lse(z, z, torch.arange(z.shape[0], device=z.device), inv_temp)
+    z = _kernel_dtype(z, backend)
+    if backend == "triton":
+        return nt_xent_lse_sym_triton(z, inv_temp)
+    return torch.ops.sslops.nt_xent_lse_sym(z, inv_temp)
+
+
+# ----------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------
+def _embeddings(a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
+    _checks.tensor(a, a_name, ndim=2, floating=True)
+    _checks.tensor(b, b_name, ndim=2, floating=True)
+    _checks.same_dtype(a, a_name, b, b_name)
+    _checks.same_device(a, a_name, b, b_name)
+    if a.shape != b.shape:
+        raise ValueError(f"{a_name} and {b_name} must have the same shape (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] == 0:
+        raise ValueError(f"{a_name} is an empty batch: N must be >= 1")
+    if a.shape[1] == 0:
+        raise ValueError(f"{a_name} has width D = 0: D must be >= 1")
+
+
+def _normalize(x: Tensor) -> Tensor:
+    # Norms in float32 (float64 stays float64), result in the input dtype.
+    return F.normalize(reference._acc(x), dim=1).to(x.dtype)
+
+
+def _positive(a: Tensor, b: Tensor, inv_temp: float) -> Tensor:
+    return (reference._acc(a) * reference._acc(b)).sum(1) * inv_temp
+
+
+def _reduce(losses: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+    if reduction == "mean":
+        losses = losses.mean()
+    elif reduction == "sum":
+        losses = losses.sum()
+    return losses.to(dtype)
+
+
+def nt_xent(
+    z1: Tensor,
+    z2: Tensor,
+    temperature: float = 0.5,
+    *,
+    normalize: bool = True,
+    gather_distributed: bool = False,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """SimCLR's NT-Xent (normalised temperature-scaled cross entropy) loss.
+
+    Args:
+        z1: (N, D) embeddings of the first view.
+        z2: (N, D) embeddings of the second view; row i is the positive of z1[i].
+        temperature: softmax temperature, > 0.
+        normalize: L2-normalise the rows first (cosine similarity).
+        gather_distributed: with torch.distributed initialised, take candidates
+            from every rank (all_gather of the (N, D) embeddings, gradients
+            flow back to their rank).  Each rank's loss is the mean over its own
+            2N anchors, so DDP-averaged gradients equal single-process training
+            on the concatenated batch (lightly's convention).
+        reduction: "mean" | "sum" | "none" ((2N,) per-anchor losses, z1's first).
+        backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+
+    Returns:
+        The loss in z1's dtype: a scalar, or (2N,) for reduction="none".
+
+    Each of the 2N embeddings is an anchor; its positive is its other view; its
+    negatives are the other 2N - 2 embeddings.  Same definition as
+    ``lightly.loss.NTXentLoss`` (without memory bank) and the SimCLR paper.
+    """
+    _embeddings(z1, "z1", z2, "z2")
+    inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
+    _checks.choice(reduction, "reduction", REDUCTIONS)
+    be = _backend.resolve("nt_xent", backend, z1.device)
+    out_dtype = z1.dtype
+    if normalize:
+        z1, z2 = _normalize(z1), _normalize(z2)
+    pos = _positive(z1, z2, inv_temp)
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    if world > 1:
+        n = z1.shape[0]
+        z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
+        q, c = torch.cat([z1, z2]), torch.cat([z1_all, z2_all])
+        own = torch.arange(n, device=z1.device) + rank * n
+        exclude = torch.cat([own, own + world * n])
+        lse = _lse(q, c, exclude, inv_temp, be)
+    else:
+        lse = _lse_sym(torch.cat([z1, z2]), inv_temp, be)
+    losses = lse.to(pos.dtype) - torch.cat([pos, pos])
+    return _reduce(losses, reduction, out_dtype)
+
+
+def info_nce(
+    query: Tensor,
+    key: Tensor,
+    negatives: Optional[Tensor] = None,
+    temperature: float = 0.07,
+    *,
+    normalize: bool = True,
+    reduction: str = "mean",
+    backend: str = "auto",
+) -> Tensor:
+    """MoCo-style InfoNCE.
+
+    Args:
+        query: (N, D).
+        key: (N, D); key[i] is the positive of query[i].
+        negatives: optional (K, D) negatives shared by every row (a MoCo queue).
+            When absent, the negatives of row i are the other rows of key.
+        temperature, normalize, reduction, backend: as in :func:`nt_xent`.
+
+    Returns:
+        The loss in query's dtype: a scalar, or (N,) for reduction="none".
+    """
+    _embeddings(query, "query", key, "key")
+    inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
+    _checks.choice(reduction, "reduction", REDUCTIONS)
+    if negatives is not None:
+        _checks.tensor(negatives, "negatives", ndim=2, floating=True)
+        _checks.same_dtype(query, "query", negatives, "negatives")
+        _checks.same_device(query, "query", negatives, "negatives")
+        if negatives.shape[1] != query.shape[1]:
+            raise ValueError(
+                f"negatives must have width D = {query.shape[1]} like query, got shape {tuple(negatives.shape)}"
+            )
+        if negatives.shape[0] == 0:
+            raise ValueError("negatives is empty: pass None for in-batch negatives, or at least one row")
+    be = _backend.resolve("info_nce", backend, query.device)
+    out_dtype = query.dtype
+    if normalize:
+        query, key = _normalize(query), _normalize(key)
+        negatives = None if negatives is None else _normalize(negatives)
+    pos = _positive(query, key, inv_temp)
+    if negatives is None:
+        lse = _lse(query, key, None, inv_temp, be).to(pos.dtype)
+    else:  # candidates: the row's own key and the queue
+        lse = torch.logaddexp(_lse(query, negatives, None, inv_temp, be).to(pos.dtype), pos)
+    return _reduce(lse - pos, reduction, out_dtype)
+
+
+class NTXentLoss(torch.nn.Module):
+    """Drop-in for ``lightly.loss.NTXentLoss`` (without memory bank).
+
+    >>> criterion = sslops.NTXentLoss(temperature=0.5)
+    >>> loss = criterion(out0, out1)   # (N, D) projections of two views
+    """
+
+    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False, normalize: bool = True,
+                 backend: str = "auto"):
+        super().__init__()
+        self.temperature = _checks.positive_finite(temperature, "temperature")
+        self.gather_distributed = gather_distributed
+        self.normalize = normalize
+        self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
+
+    def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
+                       gather_distributed=self.gather_distributed, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}, backend={self.backend!r}"
+
+
+class InfoNCELoss(torch.nn.Module):
+    """Module form of :func:`info_nce`: ``forward(query, key, negatives=None)``."""
+
+    def __init__(self, temperature: float = 0.07, normalize: bool = True, backend: str = "auto"):
+        super().__init__()
+        self.temperature = _checks.positive_finite(temperature, "temperature")
+        self.normalize = normalize
+        self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
+
+    def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:
+        return info_nce(query, key, negatives, self.temperature, normalize=self.normalize, backend=self.backend)

@@ -1,0 +1,62 @@
+"""Plain-PyTorch references: the ``reference`` backend and the test oracle.
+
+They follow the published formulas literally and materialise every
+intermediate, so they are slow and memory-hungry but easy to audit.  Half
+precision inputs are computed in float32; float64 stays float64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def nt_xent(z1, z2, temperature=0.5, normalize=True, reduction="mean"):
+    """SimCLR's NT-Xent loss, written as lightly's NTXentLoss (no memory bank).
+
+    z1, z2: (N, D).  Returns the mean/sum over the 2N anchors, or (2N,) for
+    reduction="none" (z1's anchors first), in z1's dtype.
+    """
+    out_dtype = z1.dtype
+    a, b = _acc(z1), _acc(z2)
+    if normalize:
+        a, b = F.normalize(a, dim=1), F.normalize(b, dim=1)
+    n = a.shape[0]
+    z = torch.cat([a, b])
+    logits = z @ z.t() / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    labels = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    return F.cross_entropy(logits, labels, reduction=reduction).to(out_dtype)
+
+
+def info_nce(query, key, negatives=None, temperature=0.07, normalize=True, reduction="mean"):
+    """MoCo-style InfoNCE.  Row i's positive is key[i]; its negatives are the
+    rows of ``negatives`` (a queue) when given, else the other rows of key."""
+    out_dtype = query.dtype
+    q, k = _acc(query), _acc(key)
+    neg = None if negatives is None else _acc(negatives)
+    if normalize:
+        q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)
+        neg = None if neg is None else F.normalize(neg, dim=1)
+    if neg is None:
+        logits = q @ k.t() / temperature
+        labels = torch.arange(q.shape[0], device=q.device)
+    else:
+        pos = (q * k).sum(1, keepdim=True)
+        logits = torch.cat([pos, q @ neg.t()], dim=1) / temperature
+        labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels, reduction=reduction).to(out_dtype)
+
+
+def nt_xent_lse(q, c, exclude, inv_temp):
+    """lse[i] = logsumexp_{j != exclude[i]} inv_temp * <q[i], c[j]> (materialised)."""
+    logits = (_acc(q) @ _acc(c).t()) * inv_temp
+    if exclude is not None:
+        rows = torch.arange(q.shape[0], device=q.device)
+        keep = exclude >= 0
+        logits = logits.clone()
+        logits[rows[keep], exclude[keep]] = float("-inf")
+    return torch.logsumexp(logits, dim=1)
