@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 
 import torch
 
@@ -40,3 +41,16 @@ def choice(value, name: str, options) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
     return value
+
+
+POISON = os.environ.get("SSLOPS_POISON", "0") == "1"
+
+
+def new_output(*shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """torch.empty for kernel outputs.  Under SSLOPS_POISON=1 (set by the tests)
+    it is filled with NaN (or -1 for integers) so that an element a kernel
+    forgets to write fails the comparison instead of passing by luck."""
+    out = torch.empty(shape, dtype=dtype or like.dtype, device=like.device)
+    if POISON:
+        out.fill_(float("nan") if out.is_floating_point() else -1)
+    return out

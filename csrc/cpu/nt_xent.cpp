@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "common/nt_xent.h"
+#include "common/output.h"
 
 namespace sslops {
 namespace {
@@ -112,7 +113,7 @@ at::Tensor nt_xent_lse_cpu(const at::Tensor& q_in, const at::Tensor& c_in, const
   const auto q = q_in.detach().contiguous();
   const auto c = c_in.detach().contiguous();
   const at::Tensor exclude = exclude_in.has_value() ? exclude_in->contiguous() : at::Tensor();
-  auto lse = at::empty({q.size(0)}, q.options());
+  auto lse = new_output({q.size(0)}, q.options());
   if (q.size(0) == 0) return lse;
   const int64_t* excl = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nt_xent_lse_cpu",
@@ -234,8 +235,8 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_lse_backward_cpu(const at::Tensor& gr
   const at::Tensor exclude = exclude_in.has_value() ? exclude_in->contiguous() : at::Tensor();
   const auto g = grad_in.to(q.scalar_type()).contiguous();
   const auto lse = lse_in.to(q.scalar_type()).contiguous();
-  auto grad_q = at::empty_like(q);
-  auto grad_c = at::empty_like(c);
+  auto grad_q = new_output_like(q);
+  auto grad_c = new_output_like(c);
   const int64_t* excl = exclude.defined() ? exclude.data_ptr<int64_t>() : nullptr;
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "nt_xent_lse_backward_cpu", [&] {
     const auto lse_s = safe_lse(lse.data_ptr<scalar_t>(), q.size(0));
@@ -291,7 +292,7 @@ at::Tensor nt_xent_lse_backward_sym_cpu(const at::Tensor& grad_in, const at::Ten
   const auto z = z_in.detach().contiguous();
   const auto g = grad_in.to(z.scalar_type()).contiguous();
   const auto lse = lse_in.to(z.scalar_type()).contiguous();
-  auto grad_z = at::empty_like(z);
+  auto grad_z = new_output_like(z);
   AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "nt_xent_lse_backward_sym_cpu", [&] {
     const auto lse_s = safe_lse(lse.data_ptr<scalar_t>(), z.size(0));
     lse_backward_sym<scalar_t>(z, lse_s.data(), g.data_ptr<scalar_t>(), inv_temp, grad_z);
