@@ -102,6 +102,7 @@ def backends(op: str, device="cpu") -> list[str]:
     return found
 
 
+@torch.compiler.assume_constant_result  # torch.compile calls it once while tracing
 def resolve(op: str, backend: str, device: torch.device) -> str:
     """The backend that runs ``op`` for tensors on ``device``.
 

@@ -1,0 +1,433 @@
+"""sslops.nt_xent / info_nce against a float64 reference, on every backend
+that runs on this machine (cpu; triton in the interpreter; reference)."""
+import os
+
+import pytest
+import torch
+
+import sslops
+from sslops import reference
+from sslops._backend import BACKENDS
+
+CPU_BACKENDS = sslops.backends("nt_xent", "cpu")  # cpu, triton (interpreter), reference
+GPU = torch.cuda.is_available()
+
+
+def _views(n, d, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    z1 = torch.randn(n, d, generator=g, dtype=torch.float64) * scale
+    z2 = z1 + 0.5 * scale * torch.randn(n, d, generator=g, dtype=torch.float64)  # correlated positives
+    return z1.to(device, dtype), z2.to(device, dtype)
+
+
+def _oracle(fn, args, kwargs, upstream=None):
+    """Loss and input gradients of fn computed in float64."""
+    leaves = [a.detach().double().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*leaves, **kwargs)
+    w = upstream.double() if upstream is not None else torch.ones_like(out)
+    grads = torch.autograd.grad((out * w).sum(), [x for x in leaves if isinstance(x, torch.Tensor)])
+    return out.detach(), grads
+
+
+def _run(fn, args, kwargs, upstream=None):
+    leaves = [a.detach().clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
+    out = fn(*leaves, **kwargs)
+    w = upstream.to(out.dtype) if upstream is not None else torch.ones_like(out)
+    grads = torch.autograd.grad((out * w).sum(), [x for x in leaves if isinstance(x, torch.Tensor)])
+    return out.detach(), grads
+
+
+def _close(actual, expected, inv_temp, what, scale=1.0):
+    # fp32 logits carry ~1e-7 relative error of their size, |z|^2 * inv_temp.
+    tol = 2e-5 * max(1.0, inv_temp) * scale
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+
+
+def _check(fn, ref_fn, args, kwargs, backend, inv_temp, upstream=None, scale=1.0):
+    out, grads = _run(fn, args, dict(kwargs, backend=backend), upstream)
+    ref_out, ref_grads = _oracle(ref_fn, args, kwargs, upstream)
+    assert torch.isfinite(out).all()
+    _close(out, ref_out, inv_temp, f"{backend} loss", scale)
+    for i, (g, rg) in enumerate(zip(grads, ref_grads)):
+        _close(g, rg, inv_temp, f"{backend} grad of input {i}", scale)
+
+
+# ---------------------------------------------------------------- nt_xent values
+SIZES = [(1, 1), (2, 3), (3, 64), (17, 130), (130, 3), (513, 64)]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,d", SIZES)
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 0.5])
+def test_nt_xent_matches_float64(backend, n, d, temperature):
+    if backend == "triton" and n * d > 130 * 64:
+        pytest.skip("the Triton interpreter is slow; large sizes run on the GPU test")
+    z1, z2 = _views(n, d, seed=n * 1000 + d)
+    upstream = torch.rand(2 * n, dtype=torch.float64)
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=temperature, reduction="none"),
+           backend, 1 / temperature, upstream)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nt_xent_reductions(backend, reduction):
+    z1, z2 = _views(17, 64, seed=3)
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.2, reduction=reduction), backend, 5.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("d", [1, 3, 64, 130])
+def test_nt_xent_all_widths(backend, d):
+    z1, z2 = _views(33, d, seed=d)
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1), backend, 10.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nt_xent_unnormalised_low_temperature_is_stable(backend):
+    # |z|^2 ~ 64 * 9: logits ~ 6e4, exp overflows without a running max.  The
+    # tolerance scales with |z|^2, the size of the fp32 logits' rounding.
+    z1, z2 = _views(17, 64, scale=3.0, seed=7)
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.01, normalize=False, reduction="none"),
+           backend, 100.0, scale=64 * 9.0)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nt_xent_non_contiguous(backend):
+    g = torch.Generator().manual_seed(11)
+    base = torch.randn(64, 2 * 17, generator=g)
+    z1 = base.t()[:17]            # (17, 64), column-major view
+    z2 = base[:, 1::2].t()        # strided
+    assert not z1.is_contiguous() and not z2.is_contiguous()
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1, reduction="none"), backend, 10.0)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_nt_xent_float64_and_half_inputs(backend):
+    z1, z2 = _views(9, 16, dtype=torch.float64)
+    _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1), backend, 1e-6)  # fp64: tight
+    for dtype in (torch.bfloat16, torch.float16):
+        h1, h2 = z1.to(dtype), z2.to(dtype)
+        out = sslops.nt_xent(h1, h2, 0.1, backend=backend)
+        assert out.dtype == dtype
+        ref = reference.nt_xent(h1.double(), h2.double(), 0.1)
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_nt_xent_equals_simclr_formula():
+    """Independent transcription of SimCLR's loss (no shared code with reference.py)."""
+    z1, z2 = _views(5, 8, dtype=torch.float64, seed=5)
+    t = 0.3
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.t() / t
+    n2 = z.shape[0]
+    losses = []
+    for i in range(n2):
+        j = (i + n2 // 2) % n2
+        denom = sum(torch.exp(sim[i, k]) for k in range(n2) if k != i)
+        losses.append(-torch.log(torch.exp(sim[i, j]) / denom))
+    expected = torch.stack(losses)
+    for backend in CPU_BACKENDS:
+        if backend == "triton":
+            continue  # fp32 only; covered above
+        got = sslops.nt_xent(z1, z2, t, reduction="none", backend=backend)
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- info_nce
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,k,d", [(1, 1, 3), (3, 17, 64), (130, 513, 3), (17, 130, 130)])
+@pytest.mark.parametrize("with_queue", [False, True])
+def test_info_nce_matches_float64(backend, n, k, d, with_queue):
+    if backend == "triton" and n * k * d > 17 * 130 * 130:
+        pytest.skip("interpreter: large sizes run on the GPU test")
+    q, key = _views(n, d, seed=n + k + d)
+    neg = torch.randn(k, d, generator=torch.Generator().manual_seed(k)) if with_queue else None
+    args = (q, key, neg) if with_queue else (q, key)
+    upstream = torch.rand(n, dtype=torch.float64)
+    _check(sslops.info_nce, reference.info_nce, args, dict(temperature=0.07, reduction="none"), backend,
+           1 / 0.07, upstream)
+
+
+def test_info_nce_against_moco_formula():
+    q, k = _views(6, 8, dtype=torch.float64, seed=1)
+    queue = torch.randn(10, 8, dtype=torch.float64)
+    qn, kn, negn = (torch.nn.functional.normalize(x, dim=1) for x in (q, k, queue))
+    logits = torch.cat([(qn * kn).sum(1, keepdim=True), qn @ negn.t()], 1) / 0.07
+    expected = torch.nn.functional.cross_entropy(logits, torch.zeros(6, dtype=torch.long))
+    for backend in (b for b in CPU_BACKENDS if b != "triton"):
+        torch.testing.assert_close(sslops.info_nce(q, k, queue, backend=backend), expected)
+
+
+# ---------------------------------------------------------------- autograd, opcheck, compile
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_gradcheck_float64(backend):
+    z1, z2 = _views(3, 5, dtype=torch.float64, seed=2)
+    z1.requires_grad_(), z2.requires_grad_()
+    neg = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: sslops.nt_xent(a, b, 0.2, reduction="none", backend=backend), (z1, z2))
+    assert torch.autograd.gradcheck(lambda a, b: sslops.info_nce(a, b, backend=backend), (z1, z2))
+    assert torch.autograd.gradcheck(lambda a, b, c: sslops.info_nce(a, b, c, backend=backend), (z1, z2, neg))
+
+
+def _lse_args(dtype=torch.float32, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(7, 5, generator=g, dtype=dtype, requires_grad=requires_grad)
+    c = torch.randn(9, 5, generator=g, dtype=dtype, requires_grad=requires_grad)
+    exclude = torch.tensor([0, -1, 2, 8, 4, -1, 1])
+    return q, c, exclude
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+def test_opcheck_compiled_ops():
+    q, c, exclude = _lse_args()
+    z = torch.randn(6, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse.default, (q, c, exclude, 3.0))
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse.default, (q, c, None, 3.0))
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_sym.default, (z, 2.0))
+    lse = torch.ops.sslops.nt_xent_lse(q.detach(), c.detach(), exclude, 3.0)
+    grad = torch.rand(7)
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_backward.default, (grad, q.detach(), c.detach(), exclude, lse, 3.0))
+    lse_z = torch.ops.sslops.nt_xent_lse_sym(z.detach(), 2.0)
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_backward_sym.default, (torch.rand(6), z.detach(), lse_z, 2.0))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not importable or interpreter off")
+def test_opcheck_triton_ops():
+    q, c, exclude = _lse_args()
+    z = torch.randn(6, 5, requires_grad=True)
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_triton.default, (q, c, exclude, 3.0))
+    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_sym_triton.default, (z, 2.0))
+
+
+def test_backward_sym_equals_general_backward():
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("sslops._C not built")
+    z = torch.randn(37, 19, dtype=torch.float64)
+    lse = torch.ops.sslops.nt_xent_lse_sym(z, 4.0)
+    g = torch.rand(37, dtype=torch.float64)
+    gq, gc = torch.ops.sslops.nt_xent_lse_backward(g, z, z, torch.arange(37), lse, 4.0)
+    gz = torch.ops.sslops.nt_xent_lse_backward_sym(g, z, lse, 4.0)
+    torch.testing.assert_close(gz, gq + gc)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    z1, z2 = _views(17, 32, seed=4)
+    neg = torch.randn(11, 32)
+
+    def step(a, b, c):
+        return sslops.nt_xent(a, b, 0.1, backend=backend) + sslops.info_nce(a, b, c, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    a1, b1 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    a2, b2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    out_c = compiled(a1, b1, neg)
+    out_e = step(a2, b2, neg)
+    torch.testing.assert_close(out_c, out_e)
+    out_c.backward(), out_e.backward()
+    torch.testing.assert_close(a1.grad, a2.grad)
+    torch.testing.assert_close(b1.grad, b2.grad)
+
+
+def test_module_matches_function():
+    z1, z2 = _views(8, 16)
+    crit = sslops.NTXentLoss(temperature=0.3)
+    torch.testing.assert_close(crit(z1, z2), sslops.nt_xent(z1, z2, 0.3))
+    crit = sslops.InfoNCELoss(temperature=0.3)
+    torch.testing.assert_close(crit(z1, z2), sslops.info_nce(z1, z2, temperature=0.3))
+
+
+def test_matches_lightly_if_installed():
+    loss_mod = pytest.importorskip("lightly.loss")
+    z1, z2 = _views(31, 24)
+    for t in (0.1, 0.5):
+        expected = loss_mod.NTXentLoss(temperature=t)(z1, z2)
+        torch.testing.assert_close(sslops.NTXentLoss(temperature=t)(z1, z2), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- backends
+def test_backends_listing():
+    assert sslops.backends("nt_xent", "cpu")[-1] == "reference"
+    assert "cuda" not in sslops.backends("nt_xent", "cpu")
+    if sslops._backend.compiled_available():
+        assert "cpu" in sslops.backends("nt_xent", "cpu")
+    if sslops._backend.triton_importable() and os.environ.get("TRITON_INTERPRET") == "1":
+        assert "triton" in sslops.backends("nt_xent", "cpu")
+    with pytest.raises(ValueError, match="unknown op"):
+        sslops.backends("no_such_op")
+
+
+def test_explicit_backend_that_cannot_run_raises():
+    z1, z2 = _views(4, 8)
+    with pytest.raises(ValueError, match="'cuda'"):
+        sslops.nt_xent(z1, z2, backend="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        sslops.nt_xent(z1, z2, backend="fastest")
+
+
+def test_env_backend_override(monkeypatch):
+    z1, z2 = _views(4, 8)
+    monkeypatch.setenv("SSLOPS_BACKEND", "reference")
+    assert sslops._backend.resolve("nt_xent", "auto", torch.device("cpu")) == "reference"
+    assert sslops._backend.resolve("nt_xent", "cpu", torch.device("cpu")) == "cpu" or not sslops._backend.compiled_available()
+    monkeypatch.setenv("SSLOPS_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="SSLOPS_BACKEND"):
+        sslops.nt_xent(z1, z2)
+    monkeypatch.setenv("SSLOPS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SSLOPS_BACKEND"):
+        sslops.nt_xent(z1, z2)
+
+
+def test_auto_matches_reference():
+    z1, z2 = _views(40, 16)
+    torch.testing.assert_close(sslops.nt_xent(z1, z2), sslops.nt_xent(z1, z2, backend="reference"))
+    if sslops._backend.compiled_available():
+        assert sslops._backend.resolve("nt_xent", "auto", torch.device("cpu")) == "cpu"
+
+
+def test_cuda_kernels_registered_in_cuda_build():
+    if not sslops._backend.compiled_available():
+        pytest.skip("sslops._C not built")
+    if os.environ.get("SSLOPS_CUDA") == "1":  # CI builds the CUDA kernels without a GPU
+        assert sslops.cuda_built()
+    if not sslops.cuda_built():
+        pytest.skip("CPU-only build")
+    for op in ("nt_xent_lse", "nt_xent_lse_backward", "nt_xent_lse_backward_sym"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sslops::{op}", "CUDA"), op
+
+
+# ---------------------------------------------------------------- bad input
+BAD_CALLS = [
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(5, 8)), ValueError, "same shape"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8, 2), torch.randn(4, 8, 2)), ValueError, "z1 must be 2-D"),
+    (lambda: sslops.nt_xent(torch.randn(0, 8), torch.randn(0, 8)), ValueError, "empty batch"),
+    (lambda: sslops.nt_xent(torch.randn(4, 0), torch.randn(4, 0)), ValueError, "D = 0"),
+    (lambda: sslops.nt_xent(torch.ones(4, 8, dtype=torch.long), torch.ones(4, 8, dtype=torch.long)), TypeError, "z1 must be a floating"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8, dtype=torch.float64)), TypeError, "same dtype"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature=0.0), ValueError, "temperature"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature=-1), ValueError, "temperature"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature=float("nan")), ValueError, "temperature"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature=float("inf")), ValueError, "temperature"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), temperature="0.5"), TypeError, "temperature"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), reduction="avg"), ValueError, "reduction"),
+    (lambda: sslops.nt_xent([[1.0]], torch.randn(1, 1)), TypeError, "z1 must be a torch.Tensor"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 7)), ValueError, "negatives must have width"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), torch.randn(0, 8)), ValueError, "negatives is empty"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), torch.randn(3, 8, dtype=torch.float64)), TypeError, "same dtype"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(3, 8)), ValueError, "same shape"),
+    (lambda: sslops.NTXentLoss(temperature=0), ValueError, "temperature"),
+    (lambda: sslops.NTXentLoss(backend="gpu"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("call,exc,match", BAD_CALLS, ids=[m for _, _, m in BAD_CALLS])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+def test_compiled_op_checks_its_arguments():
+    q, c, _ = _lse_args(requires_grad=False)
+    with pytest.raises(RuntimeError, match="exclude must have shape"):
+        torch.ops.sslops.nt_xent_lse(q, c, torch.tensor([0]), 1.0)
+    with pytest.raises(RuntimeError, match="same width"):
+        torch.ops.sslops.nt_xent_lse(q, c[:, :3], None, 1.0)
+    with pytest.raises(RuntimeError, match="inv_temp"):
+        torch.ops.sslops.nt_xent_lse(q, c, None, -1.0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.sslops.nt_xent_lse(q.half(), c.half(), None, 1.0)
+
+
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_mixed_devices_raise():
+    with pytest.raises(ValueError, match="same device"):
+        sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8, device="cuda"))
+
+
+# ---------------------------------------------------------------- GPU
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,d", [(1, 1), (3, 3), (17, 130), (513, 64), (4096, 128)])
+def test_gpu_backends_match_float64(backend, dtype, n, d):
+    if backend not in sslops.backends("nt_xent", "cuda"):
+        pytest.skip(f"{backend} not available")
+    z1, z2 = _views(n, d, dtype=dtype, device="cuda", seed=n + d)
+    upstream = torch.rand(2 * n, dtype=torch.float64, device="cuda")
+    for t in (0.01, 0.5):
+        out, grads = _run(sslops.nt_xent, (z1, z2), dict(temperature=t, reduction="none", backend=backend), upstream)
+        # the oracle sees the same (rounded) inputs, in float64
+        ref, ref_grads = _oracle(reference.nt_xent, (z1, z2), dict(temperature=t, reduction="none"), upstream)
+        tol = (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, 1 / t)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        for g, rg in zip(grads, ref_grads):
+            torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol)
+    q, key = z1, z2
+    neg = torch.randn(257, d, device="cuda", dtype=dtype)
+    out, grads = _run(sslops.info_nce, (q, key, neg), dict(reduction="none", backend=backend))
+    ref, ref_grads = _oracle(reference.info_nce, (q, key, neg), dict(reduction="none"))
+    tol = (2e-5 if dtype == torch.float32 else 2e-2) / 0.07
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
+def test_gpu_deterministic():
+    if "cuda" not in sslops.backends("nt_xent", "cuda"):
+        pytest.skip("cuda backend not available")
+    z1, z2 = _views(1000, 128, device="cuda")
+    runs = [_run(sslops.nt_xent, (z1, z2), dict(backend="cuda")) for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
+
+
+# ---------------------------------------------------------------- distributed (2 gloo processes)
+def _ddp_worker(rank, world, init_file, backend, n, d, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        z1_all, z2_all = _views(world * n, d, dtype=torch.float64, seed=123)
+        z1 = z1_all[rank * n:(rank + 1) * n].clone().requires_grad_()
+        z2 = z2_all[rank * n:(rank + 1) * n].clone().requires_grad_()
+        per_anchor = sslops.nt_xent(z1, z2, 0.2, gather_distributed=True, reduction="none", backend=backend)
+        loss = sslops.nt_xent(z1, z2, 0.2, gather_distributed=True, backend=backend)
+        loss.backward()
+        torch.save({"per_anchor": per_anchor.detach(), "loss": loss.detach(), "g1": z1.grad, "g2": z2.grad},
+                   os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+def test_gather_distributed_two_gloo_processes(backend, tmp_path):
+    """Each rank's loss is the mean over its own anchors against all ranks'
+    candidates; gradients flow back across ranks, so the DDP average of the
+    per-rank gradients equals the gradient of the full-batch loss."""
+    import torch.multiprocessing as mp
+
+    world, n, d = 2, 5, 8
+    mp.spawn(_ddp_worker, args=(world, str(tmp_path / "init"), backend, n, d, str(tmp_path)), nprocs=world)
+    z1_all, z2_all = _views(world * n, d, dtype=torch.float64, seed=123)
+    z1_all.requires_grad_(), z2_all.requires_grad_()
+    full = reference.nt_xent(z1_all, z2_all, 0.2, reduction="none")
+    full.mean().backward()
+    half = world * n
+    losses = []
+    for rank in range(world):
+        r = torch.load(tmp_path / f"{rank}.pt")
+        rows = slice(rank * n, (rank + 1) * n)
+        own = torch.cat([full[:half][rows], full[half:][rows]]).detach()
+        torch.testing.assert_close(r["per_anchor"], own)
+        torch.testing.assert_close(r["loss"], own.mean())
+        # DDP averages gradients over ranks: grad / world == full-batch gradient.
+        torch.testing.assert_close(r["g1"] / world, z1_all.grad[rows])
+        torch.testing.assert_close(r["g2"] / world, z2_all.grad[rows])
+        losses.append(r["loss"])
+    torch.testing.assert_close(torch.stack(losses).mean(), full.mean().detach())
