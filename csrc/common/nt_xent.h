@@ -24,6 +24,17 @@ SSLOPS_HD double exp_(double x) { return ::exp(x); }
 SSLOPS_HD float log_(float x) { return ::logf(x); }
 SSLOPS_HD double log_(double x) { return ::log(x); }
 
+// Exponent arguments are clamped from below before exp: exp(-80) ~ 2e-35 (and
+// exp(-700) in double) is far below rounding next to the row's largest term,
+// and it keeps vectorised exp off its slow path for -inf and denormal results.
+// Logits that must count as exactly 0 (excluded columns) are zeroed after exp.
+template <typename T>
+SSLOPS_HD T min_exp_arg();
+template <>
+SSLOPS_HD float min_exp_arg<float>() { return -80.0f; }
+template <>
+SSLOPS_HD double min_exp_arg<double>() { return -700.0; }
+
 // Merge the summary (tile_m, tile_l) of some logits of a row, with
 // tile_l = sum exp(x - tile_m), into the running state (m, l) of that row.
 template <typename T>

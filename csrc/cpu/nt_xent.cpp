@@ -59,6 +59,16 @@ std::vector<scalar_t> safe_lse(const scalar_t* lse, int64_t m) {
   return out;
 }
 
+// row[j] <- max(row[j] - shift, min_exp_arg) for `rows` rows of a tile.
+template <typename scalar_t>
+inline void shift_rows(scalar_t* row, int64_t rows, int64_t cn, scalar_t shift) {
+  const scalar_t lo = nt_xent::min_exp_arg<scalar_t>();
+  for (int64_t i = 0; i < rows; ++i, row += kColBlock) {
+#pragma omp simd
+    for (int64_t j = 0; j < cn; ++j) row[j] = std::max(row[j] - shift, lo);
+  }
+}
+
 template <typename scalar_t>
 void lse_rows(const at::Tensor& q, const at::Tensor& c, const int64_t* excl, double inv_temp, scalar_t* out) {
   const int64_t M = q.size(0), K = c.size(0);
@@ -76,24 +86,22 @@ void lse_rows(const at::Tensor& q, const at::Tensor& c, const int64_t* excl, dou
         auto s = tile_view(buf, rn, cn);
         logits_tile(s, qb, c.narrow(0, c0, cn), inv_temp);
         scalar_t* sp = s.data_ptr<scalar_t>();
-        // Row maxima of the tile, then shift the rows by them.
+        // Row maxima of the tile (excluded logit at -inf), then shift the rows.
         for (int64_t i = 0; i < rn; ++i) {
           scalar_t* row = sp + i * kColBlock;
-          if (excl) {
-            const int64_t e = excl[r0 + i] - c0;
-            if (e >= 0 && e < cn) row[e] = neg_inf<scalar_t>();
-          }
+          const int64_t e = excl ? excl[r0 + i] - c0 : -1;
+          if (e >= 0 && e < cn) row[e] = neg_inf<scalar_t>();
           scalar_t mx = neg_inf<scalar_t>();
 #pragma omp simd reduction(max : mx)
           for (int64_t j = 0; j < cn; ++j) mx = std::max(mx, row[j]);
           tile_m[i] = mx;
-          const scalar_t shift = mx == neg_inf<scalar_t>() ? scalar_t(0) : mx;
-#pragma omp simd
-          for (int64_t j = 0; j < cn; ++j) row[j] -= shift;
+          shift_rows(row, 1, cn, mx == neg_inf<scalar_t>() ? scalar_t(0) : mx);
         }
         s.exp_();  // ATen's vectorised exp over the whole tile
         for (int64_t i = 0; i < rn; ++i) {
-          const scalar_t* row = sp + i * kColBlock;
+          scalar_t* row = sp + i * kColBlock;
+          const int64_t e = excl ? excl[r0 + i] - c0 : -1;
+          if (e >= 0 && e < cn) row[e] = 0;
           scalar_t sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < cn; ++j) sum += row[j];
@@ -123,14 +131,12 @@ at::Tensor nt_xent_lse_cpu(const at::Tensor& q_in, const at::Tensor& c_in, const
 
 // In place on a tile of logits x (rows x cols, row stride kColBlock):
 // x <- g_row * exp(x - lse_row), the softmax weights of the rows scaled by
-// their upstream gradient.  Excluded logits must already be -inf.
+// their upstream gradient.  The caller zeroes excluded logits afterwards.
 template <typename scalar_t>
 void row_weights(scalar_t* sp, int64_t rn, int64_t cn, const scalar_t* lse_safe, const scalar_t* g, at::Tensor& s) {
   for (int64_t i = 0; i < rn; ++i) {
     scalar_t* row = sp + i * kColBlock;
-    const scalar_t shift = lse_safe[i];
-#pragma omp simd
-    for (int64_t j = 0; j < cn; ++j) row[j] -= shift;
+    shift_rows(row, 1, cn, lse_safe[i]);
   }
   s.exp_();
   for (int64_t i = 0; i < rn; ++i) {
@@ -147,8 +153,9 @@ template <typename scalar_t>
 void col_weights(scalar_t* sp, int64_t rn, int64_t cn, const scalar_t* lse_safe, const scalar_t* g, at::Tensor& s) {
   for (int64_t i = 0; i < rn; ++i) {
     scalar_t* row = sp + i * kColBlock;
+    const scalar_t lo = nt_xent::min_exp_arg<scalar_t>();
 #pragma omp simd
-    for (int64_t j = 0; j < cn; ++j) row[j] -= lse_safe[j];
+    for (int64_t j = 0; j < cn; ++j) row[j] = std::max(row[j] - lse_safe[j], lo);
   }
   s.exp_();
   for (int64_t i = 0; i < rn; ++i) {
@@ -184,12 +191,12 @@ void lse_backward(const at::Tensor& q, const at::Tensor& c, const int64_t* excl,
         const auto cb = c.narrow(0, c0, cn);
         logits_tile(s, qb, cb, inv_temp);
         scalar_t* sp = s.data_ptr<scalar_t>();
+        row_weights(sp, rn, cn, lse_s + r0, gp + r0, s);
         if (excl)
           for (int64_t i = 0; i < rn; ++i) {
             const int64_t e = excl[r0 + i] - c0;
-            if (e >= 0 && e < cn) sp[i * kColBlock + e] = neg_inf<scalar_t>();
+            if (e >= 0 && e < cn) sp[i * kColBlock + e] = 0;
           }
-        row_weights(sp, rn, cn, lse_s + r0, gp + r0, s);
         gq.addmm_(s, cb);
       }
       gq.mul_(inv_temp);
@@ -209,12 +216,12 @@ void lse_backward(const at::Tensor& q, const at::Tensor& c, const int64_t* excl,
         const auto qb = q.narrow(0, r0, rn);
         logits_tile(s, cb, qb, inv_temp);
         scalar_t* sp = s.data_ptr<scalar_t>();
+        col_weights(sp, kn, rn, lse_s + r0, gp + r0, s);
         if (excl)
           for (int64_t i = 0; i < rn; ++i) {
             const int64_t e = excl[r0 + i] - k0;
-            if (e >= 0 && e < kn) sp[e * kColBlock + i] = neg_inf<scalar_t>();
+            if (e >= 0 && e < kn) sp[e * kColBlock + i] = 0;
           }
-        col_weights(sp, kn, rn, lse_s + r0, gp + r0, s);
         gc.addmm_(s, qb);
       }
       gc.mul_(inv_temp);
@@ -268,14 +275,32 @@ void lse_backward_sym(const at::Tensor& z, const scalar_t* lse_s, const scalar_t
         const auto zc = z.narrow(0, c0, cn);
         logits_tile(s, zb, zc, inv_temp);
         scalar_t* sp = s.data_ptr<scalar_t>();
-        for (int64_t i = 0; i < rn; ++i) {  // each row leaves out itself
-          const int64_t e = r0 + i - c0;
-          if (e >= 0 && e < cn) sp[i * kColBlock + e] = neg_inf<scalar_t>();
+        scalar_t* tp = t.data_ptr<scalar_t>();
+        const scalar_t lo = nt_xent::min_exp_arg<scalar_t>();
+        const scalar_t* lse_c = lse_s + c0;
+        for (int64_t i = 0; i < rn; ++i) {
+          scalar_t* row = sp + i * kColBlock;
+          scalar_t* trow = tp + i * kColBlock;
+          const scalar_t lse_r = lse_s[r0 + i];
+#pragma omp simd
+          for (int64_t j = 0; j < cn; ++j) {
+            const scalar_t x = row[j];
+            trow[j] = std::max(x - lse_c[j], lo);
+            row[j] = std::max(x - lse_r, lo);
+          }
         }
-        t.copy_(s);
-        row_weights(sp, rn, cn, lse_s + r0, gp + r0, s);
-        col_weights(t.data_ptr<scalar_t>(), rn, cn, lse_s + c0, gp + c0, t);
-        s.add_(t);
+        s.exp_();
+        t.exp_();
+        const scalar_t* g_c = gp + c0;
+        for (int64_t i = 0; i < rn; ++i) {
+          scalar_t* row = sp + i * kColBlock;
+          const scalar_t* trow = tp + i * kColBlock;
+          const scalar_t g_r = gp[r0 + i];
+#pragma omp simd
+          for (int64_t j = 0; j < cn; ++j) row[j] = g_r * row[j] + g_c[j] * trow[j];
+          const int64_t e = r0 + i - c0;  // each row leaves out itself
+          if (e >= 0 && e < cn) row[e] = 0;
+        }
         gz.addmm_(s, zc);
       }
       gz.mul_(inv_temp);
