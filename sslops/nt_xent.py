@@ -303,15 +303,21 @@ def info_nce(
 
 
 class NTXentLoss(torch.nn.Module):
-    """Drop-in for ``lightly.loss.NTXentLoss`` (without memory bank).
+    """Drop-in for ``lightly.loss.NTXentLoss`` (same arguments, in the same
+    order; ``memory_bank_size`` must be 0).
 
     >>> criterion = sslops.NTXentLoss(temperature=0.5)
     >>> loss = criterion(out0, out1)   # (N, D) projections of two views
     """
 
-    def __init__(self, temperature: float = 0.5, gather_distributed: bool = False, normalize: bool = True,
-                 backend: str = "auto"):
+    def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False,
+                 normalize: bool = True, backend: str = "auto"):
         super().__init__()
+        if memory_bank_size not in (0, None):
+            raise ValueError(
+                f"memory_bank_size={memory_bank_size!r}: sslops.NTXentLoss has no memory bank; "
+                "use sslops.info_nce(query, key, negatives=queue) for MoCo-style negatives"
+            )
         self.temperature = _checks.positive_finite(temperature, "temperature")
         self.gather_distributed = gather_distributed
         self.normalize = normalize

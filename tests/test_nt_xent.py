@@ -318,6 +318,7 @@ BAD_CALLS = [
     (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(3, 8)), ValueError, "same shape"),
     (lambda: sslops.NTXentLoss(temperature=0), ValueError, "temperature"),
     (lambda: sslops.NTXentLoss(backend="gpu"), ValueError, "backend"),
+    (lambda: sslops.NTXentLoss(0.5, 4096), ValueError, "memory_bank_size"),
 ]
 
 

@@ -1,0 +1,80 @@
+"""Shared benchmark helpers: peak-memory probes and a side-by-side summary.
+
+Every benchmark calls ``record(group, impl, benchmark, peak_mb=..., baseline=...)``
+after ``benchmark(...)``; at the end of the run a table per group prints each
+implementation's mean time, its speed-up over the group's baseline measured in
+the same run, and its extra peak memory.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import os
+
+import pytest
+import torch
+
+_ROWS = collections.defaultdict(list)  # group -> [(impl, mean_s, peak_mb, baseline)]
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+@contextlib.contextmanager
+def peak_memory(device):
+    """Yields a dict whose "mb" is the extra peak memory of the block: CUDA
+    max_memory_allocated on a GPU, peak RSS (VmHWM, reset through
+    /proc/self/clear_refs) on the CPU."""
+    out = {"mb": None}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        yield out
+        torch.cuda.synchronize()
+        out["mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = _status_kb("VmRSS")
+    except OSError:
+        before = None
+    yield out
+    if before is not None:
+        out["mb"] = max(0, _status_kb("VmHWM") - before) / 1024
+
+
+@pytest.fixture
+def record():
+    def _record(group, impl, benchmark, peak_mb=None, baseline=False):
+        stats = getattr(benchmark, "stats", None)
+        mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
+        if mean is not None:
+            _ROWS[group].append((impl, mean, peak_mb, baseline))
+        benchmark.extra_info["peak_mb"] = peak_mb
+
+    return _record
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _ROWS:
+        return
+    tr = terminalreporter
+    tr.section("sslops side-by-side (same run)")
+    if torch.cuda.is_available():
+        tr.write_line(f"device: {torch.cuda.get_device_name()}")
+    else:
+        tr.write_line(f"device: CPU, {os.cpu_count()} cores, torch {torch.__version__}")
+    for group, rows in _ROWS.items():
+        base = next((r for r in rows if r[3]), None)
+        tr.write_line(f"[{group}]")
+        for impl, mean, peak, _ in rows:
+            ratio = f"{base[1] / mean:6.2f}x" if base else "   -   "
+            mem = f"{peak:9.1f} MB" if peak is not None else "        -   "
+            tr.write_line(f"  {impl:28s} {mean * 1e3:10.3f} ms  {ratio} vs {base[0] if base else '-':16s} peak {mem}")
