@@ -47,12 +47,12 @@ def _(z, inv_temp):
 
 @torch.library.register_fake("sslops::nt_xent_lse_backward")
 def _(grad_lse, q, c, exclude, lse, inv_temp):
-    return torch.empty_like(q), torch.empty_like(c)
+    return q.new_empty(q.shape), c.new_empty(c.shape)
 
 
 @torch.library.register_fake("sslops::nt_xent_lse_backward_sym")
 def _(grad_lse, z, lse, inv_temp):
-    return torch.empty_like(z)
+    return z.new_empty(z.shape)
 
 
 def _setup_lse(ctx, inputs, output):
@@ -118,9 +118,9 @@ def nt_xent_lse_backward_sym_triton(grad_lse: Tensor, z: Tensor, lse: Tensor, in
 nt_xent_lse_triton.register_fake(lambda q, c, exclude, inv_temp: q.new_empty((q.shape[0],), dtype=torch.float32))
 nt_xent_lse_sym_triton.register_fake(lambda z, inv_temp: z.new_empty((z.shape[0],), dtype=torch.float32))
 nt_xent_lse_backward_triton.register_fake(
-    lambda grad_lse, q, c, exclude, lse, inv_temp: (torch.empty_like(q), torch.empty_like(c))
+    lambda grad_lse, q, c, exclude, lse, inv_temp: (q.new_empty(q.shape), c.new_empty(c.shape))
 )
-nt_xent_lse_backward_sym_triton.register_fake(lambda grad_lse, z, lse, inv_temp: torch.empty_like(z))
+nt_xent_lse_backward_sym_triton.register_fake(lambda grad_lse, z, lse, inv_temp: z.new_empty(z.shape))
 
 
 def _backward_lse_triton(ctx, grad):
