@@ -7,7 +7,6 @@ import torch
 
 import sslops
 from sslops import reference
-from sslops._backend import BACKENDS
 
 CPU_BACKENDS = sslops.backends("nt_xent", "cpu")  # cpu, triton (interpreter), reference
 GPU = torch.cuda.is_available()
