@@ -118,3 +118,25 @@ def test_restore_decoder(benchmark, device, impl):
                            reference.mae_decoder_unshuffle(xv, ids_restore, mt))
         fn = lambda: sslops.restore_tokens(xv, ids_restore, mt, num_prefix_tokens=1, backend=impl)
     _run(benchmark, fn, device, nbytes)
+
+
+BACKWARD_CASES = [(dev, be) for dev in DEVICES for be in ["torch-mae"] + _backends("gather_tokens", dev)]
+
+
+@pytest.mark.parametrize("device,impl", BACKWARD_CASES, ids=[f"{d}-{i}" for d, i in BACKWARD_CASES])
+def test_gather_pos_embed_forward_backward(benchmark, device, impl):
+    """Forward + backward (grad_x scattered, grad_pos_embed summed over B), ViT-B."""
+    D = 768
+    x0, pos0, ids_keep, _ = _inputs(device, D)
+    x = x0.clone().requires_grad_()
+    pos = pos0.clone().requires_grad_()
+    g = torch.randn(B, K, D, device=device)
+    benchmark.group = f"gather+pos fwd+bwd {device} B={B} L={L} D={D} K={K}"
+    # forward as above; backward reads grad, writes grad_x, reads it for the pos sum
+    nbytes = (3 * B * K * D + B * K * D + 2 * B * L * D + L * D) * x.element_size()
+    if impl == "torch-mae":
+        f = lambda: _mae_gather_pos(x, pos, ids_keep)
+    else:
+        f = lambda: sslops.gather_tokens(x, ids_keep, pos_embed=pos, backend=impl)
+    fn = lambda: torch.autograd.grad(f(), (x, pos), g)
+    _run(benchmark, fn, device, nbytes)

@@ -16,8 +16,9 @@
 // Backward: grad rows are gathered by a scan of the sample's index row (each
 // output row sums its matches in a fixed order, in opmath), so there are no
 // atomics and the result is deterministic, repeated indices included.  The
-// mask token's gradient is a per-sample partial sum (one extra row per sample
-// in the same launch) reduced over the batch by at::sum (deterministic).
+// mask token's gradient is made of partial sums over chunks of kChunk patch
+// rows of a sample (extra rows of the same launch, so no thread walks a whole
+// sample serially), reduced over (batch, chunk) by at::sum (deterministic).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,6 +42,7 @@ using masking::dense_rows;
 using masking::index_ok;
 
 constexpr int kThreads = 256;
+constexpr int64_t kChunk = 16;  // patch rows per mask-token partial sum
 
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
@@ -305,20 +307,23 @@ at::Tensor restore_tokens_cuda(const at::Tensor& xv_in, const at::Tensor& ids, c
   return out;
 }
 
-// Rows r in [0, P + K] of each sample: r < P + K is grad_x_visible[b, r]
-// (prefix copy, or the sum of grad[b, P + n] over ids[b, n] == r - P);
-// r == P + K writes partial[b] = sum of grad[b, P + n] over ids[b, n] in [K, N).
+// Rows r in [0, P + K + C) of each sample, C = ceil(N / kChunk): r < P + K is
+// grad_x_visible[b, r] (prefix copy, or the sum of grad[b, P + n] over
+// ids[b, n] == r - P); r = P + K + c writes partial[b, c] = the sum of
+// grad[b, P + n] over n in chunk c with ids[b, n] in [K, N).
 template <typename scalar_t, typename index_t, int VEC>
 __global__ void restore_backward_kernel(const scalar_t* __restrict__ g, int64_t gsb, int64_t gsl,
                                         const index_t* __restrict__ ids, int64_t isb, int64_t isn,
                                         scalar_t* __restrict__ gxv, at::opmath_type<scalar_t>* __restrict__ partial,
-                                        int64_t rows, int64_t P, int64_t K, int64_t N, int64_t D) {
+                                        int64_t rows, int64_t P, int64_t K, int64_t N, int64_t C, int64_t D) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t packs = D / VEC, R1 = P + K + 1;
+  const int64_t packs = D / VEC, R1 = P + K + C;
   for (int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y; row < rows;
        row += int64_t(gridDim.x) * blockDim.y) {
     const int64_t b = row / R1, r = row % R1;
-    const bool mask_row = r == P + K;
+    const bool mask_row = r >= P + K;
+    const int64_t c = r - P - K;
+    const int64_t n0 = mask_row ? c * kChunk : 0, n1 = mask_row ? std::min(N, n0 + kChunk) : N;
     const scalar_t* gb = g + b * gsb;
     const index_t* ib = ids + b * isb;
     for (int64_t v = threadIdx.x; v < packs; v += blockDim.x) {
@@ -331,7 +336,7 @@ __global__ void restore_backward_kernel(const scalar_t* __restrict__ g, int64_t 
         for (int i = 0; i < VEC; ++i) acc[i] = static_cast<acc_t>(a.v[i]);
       } else {
         const int64_t k = r - P;
-        for (int64_t n = 0; n < N; ++n) {
+        for (int64_t n = n0; n < n1; ++n) {
           const int64_t j = static_cast<int64_t>(ib[n * isn]);
           if (mask_row ? !(j >= K && j < N) : j != k) continue;
           const auto a = load_pack<VEC>(gb + (P + n) * gsl + v * VEC);
@@ -340,8 +345,9 @@ __global__ void restore_backward_kernel(const scalar_t* __restrict__ g, int64_t 
         }
       }
       if (mask_row) {
+        acc_t* out = partial + (b * C + c) * D + v * VEC;
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) partial[b * D + v * VEC + i] = acc[i];
+        for (int i = 0; i < VEC; ++i) out[i] = acc[i];
       } else {
         Pack<scalar_t, VEC> o;
 #pragma unroll
@@ -355,12 +361,12 @@ __global__ void restore_backward_kernel(const scalar_t* __restrict__ g, int64_t 
 template <typename scalar_t, typename index_t, int VEC>
 void launch_restore_backward(const at::Tensor& grad, const at::Tensor& ids, int64_t K, int64_t P, at::Tensor& gxv,
                              at::Tensor& partial) {
-  const int64_t B = grad.size(0), D = grad.size(2), rows = B * (P + K + 1);
+  const int64_t B = grad.size(0), D = grad.size(2), C = partial.size(1), rows = B * (P + K + C);
   const auto shape = row_shape(rows, D / VEC);
   restore_backward_kernel<scalar_t, index_t, VEC><<<shape.grid, shape.block, 0, at::cuda::getCurrentCUDAStream()>>>(
       grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<index_t>(), ids.stride(0),
       ids.stride(1), gxv.data_ptr<scalar_t>(), partial.data_ptr<at::opmath_type<scalar_t>>(), rows, P, K,
-      ids.size(1), D);
+      ids.size(1), C, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -374,7 +380,8 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
   const int64_t B = grad.size(0), D = grad.size(2);
   auto grad_xv = new_output({B, num_prefix + num_visible, D}, grad.options());
   const auto acc_type = at::toOpMathType(grad.scalar_type());
-  auto partial = new_output({B, D}, grad.options().dtype(acc_type));
+  const int64_t C = std::max<int64_t>(1, (ids.size(1) + kChunk - 1) / kChunk);
+  auto partial = new_output({B, C, D}, grad.options().dtype(acc_type));
   if (B * D > 0) {
     AT_DISPATCH_INDEX_TYPES(ids.scalar_type(), "restore_tokens_backward_cuda_ids", [&] {
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "restore_tokens_backward_cuda",
@@ -390,8 +397,8 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
                                       });
     });
   }
-  // Fixed-order column reduction over the batch (no atomics): deterministic.
-  auto grad_mt = partial.sum(0).to(grad.scalar_type());
+  // Fixed-order column reduction over (batch, chunk), no atomics: deterministic.
+  auto grad_mt = partial.sum(at::IntArrayRef{0, 1}).to(grad.scalar_type());
   return {grad_xv, grad_mt};
 }
 
