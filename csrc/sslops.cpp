@@ -55,6 +55,23 @@ TORCH_LIBRARY(sslops, m) {
   m.def("nt_xent_lse_sym(Tensor z, float inv_temp) -> Tensor");
 
   // ---- masking (csrc/cpu/masking.cpp, csrc/cuda/masking.cu) ----
+  // Token layout: L = P + N rows per sample, P = num_prefix_tokens prefix rows
+  // (cls / registers, never masked) then N patch rows; index tensors (int32 or
+  // int64) address patch rows, values in [0, N).  Outputs keep x's dtype.
+  // out (B, P + K, D): prefix rows, then x[b, P + ids_keep[b, k]]; pos_embed
+  // ((1 or B), L, D), when given, is added to each picked row in the same pass.
+  m.def("gather_tokens(Tensor x, Tensor ids_keep, Tensor? pos_embed, int num_prefix_tokens) -> Tensor");
+  // grad_x (B, seq_len, D) of gather_tokens: grad rows scattered back (summed
+  // where ids repeat), zeros elsewhere.  No atomics: deterministic.
+  m.def("gather_tokens_backward(Tensor grad, Tensor ids_keep, int seq_len, int num_prefix_tokens) -> Tensor");
+  // out (B, P + N, D), N = ids_restore.size(1): MAE's decoder un-shuffle,
+  // cat([x_visible[:, P:], mask_token.expand(B, N - K, D)], 1).gather(1, ids_restore)
+  // behind the P prefix rows of x_visible (B, P + K, D).  mask_token (D,).
+  m.def("restore_tokens(Tensor x_visible, Tensor ids_restore, Tensor mask_token, int num_prefix_tokens) -> Tensor");
+  // (grad_x_visible (B, P + K, D), grad_mask_token (D,)) of restore_tokens, K = num_visible.
+  m.def(
+      "restore_tokens_backward(Tensor grad, Tensor ids_restore, int num_visible, int num_prefix_tokens) "
+      "-> (Tensor, Tensor)");
 
   // ---- augment (csrc/cpu/augment.cpp, csrc/cuda/augment.cu) ----
 }

@@ -5,6 +5,7 @@ see :func:`sslops.backends` for what this install can run.
 """
 from ._backend import BACKENDS, backends, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+from .masking import block_masking, gather_tokens, random_masking, restore_tokens
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,8 @@ __all__ = [
     "info_nce",
     "NTXentLoss",
     "InfoNCELoss",
+    "random_masking",
+    "gather_tokens",
+    "restore_tokens",
+    "block_masking",
 ]

@@ -60,3 +60,71 @@ def nt_xent_lse(q, c, exclude, inv_temp):
         logits = logits.clone()
         logits[rows[keep], exclude[keep]] = float("-inf")
     return torch.logsumexp(logits, dim=1)
+
+
+# ----------------------------------------------------------------------------
+# masking: MAE / data2vec 2.0 / I-JEPA masked-token gather (sslops.masking)
+# ----------------------------------------------------------------------------
+# Token layout: L = P + N rows per sample, P prefix rows (cls / registers, never
+# masked) then N patch rows; index tensors address patch rows (values in [0, N)).
+# These are plain torch.gather / torch.cat, so they run in the input's dtype
+# (a gather is a copy: no accumulation type is involved).
+
+
+def mae_random_masking(x, mask_ratio, noise=None):
+    """MAE's ``MaskedAutoencoderViT.random_masking``, transcribed
+    (facebookresearch/mae, models_mae.py).  x: (N, L, D) patch tokens, without
+    cls token; returns (x_masked, mask, ids_restore)."""
+    N, L, D = x.shape  # batch, length, dim
+    len_keep = int(L * (1 - mask_ratio))
+
+    if noise is None:
+        noise = torch.rand(N, L, device=x.device)  # noise in [0, 1]
+
+    # sort noise for each sample
+    ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+
+    # keep the first subset
+    ids_keep = ids_shuffle[:, :len_keep]
+    x_masked = torch.gather(x, dim=1, index=ids_keep.unsqueeze(-1).repeat(1, 1, D))
+
+    # generate the binary mask: 0 is keep, 1 is remove
+    mask = torch.ones([N, L], device=x.device)
+    mask[:, :len_keep] = 0
+    # unshuffle to get the binary mask
+    mask = torch.gather(mask, dim=1, index=ids_restore)
+
+    return x_masked, mask, ids_restore
+
+
+def mae_decoder_unshuffle(x, ids_restore, mask_token):
+    """The un-shuffle of MAE's ``forward_decoder`` (x: (N, 1 + K, D) with the
+    cls token first, mask_token (1, 1, D)), transcribed."""
+    mask_tokens = mask_token.repeat(x.shape[0], ids_restore.shape[1] + 1 - x.shape[1], 1)
+    x_ = torch.cat([x[:, 1:, :], mask_tokens], dim=1)  # no cls token
+    x_ = torch.gather(x_, dim=1, index=ids_restore.unsqueeze(-1).repeat(1, 1, x.shape[2]))  # unshuffle
+    x = torch.cat([x[:, :1, :], x_], dim=1)  # append cls token
+    return x
+
+
+def gather_tokens(x, ids_keep, pos_embed=None, num_prefix_tokens=0):
+    """out (B, P + K, D): the P prefix rows, then x[b, P + ids_keep[b, k]]; with
+    pos_embed ((1 or B), L, D) added first, as MAE does (a separate pass)."""
+    if pos_embed is not None:
+        x = x + pos_embed
+    P, D = num_prefix_tokens, x.shape[2]
+    index = ids_keep.long().unsqueeze(-1).expand(-1, -1, D)
+    return torch.cat([x[:, :P], torch.gather(x[:, P:], 1, index)], dim=1)
+
+
+def restore_tokens(x_visible, ids_restore, mask_token, num_prefix_tokens=0):
+    """MAE's decoder un-shuffle generalised to P prefix rows: out (B, P + N, D)
+    with N = ids_restore.shape[1]; mask_token has D elements."""
+    B, _, D = x_visible.shape
+    P, N = num_prefix_tokens, ids_restore.shape[1]
+    K = x_visible.shape[1] - P
+    mask_tokens = mask_token.reshape(1, 1, D).expand(B, N - K, D)
+    x_ = torch.cat([x_visible[:, P:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))
+    return torch.cat([x_visible[:, :P], x_], dim=1)
