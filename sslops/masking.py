@@ -42,13 +42,6 @@ _backend.register_op("restore_tokens", compiled=("restore_tokens", "restore_toke
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-@torch.compiler.assume_constant_result
-def _resolve(op: str, backend: str, device: torch.device) -> str:
-    # The backend choice queries the dispatcher (not traceable): under
-    # torch.compile it is evaluated once while tracing and baked into the graph.
-    return _backend.resolve(op, backend, device)
-
-
 # ----------------------------------------------------------------------------
 # Fake kernels and autograd of the compiled ops (schemas: csrc/sslops.cpp)
 # ----------------------------------------------------------------------------
@@ -293,7 +286,7 @@ def gather_tokens(
         the batch when pos_embed has batch 1; deterministic on every backend.
     """
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens)
-    be = _resolve("gather_tokens", backend, x.device)
+    be = _backend.resolve("gather_tokens", backend, x.device)
     return _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
 
 
@@ -346,7 +339,7 @@ def random_masking(
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens, check_range=False)  # argsort: in range
-    be = _resolve("random_masking", backend, x.device)
+    be = _backend.resolve("random_masking", backend, x.device)
     x_visible = _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
     # MAE: ones, zero the first len_keep, gather by ids_restore; equivalently
     mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
@@ -392,7 +385,7 @@ def restore_tokens(
     _checks.same_dtype(x_visible, "x_visible", mask_token, "mask_token")
     _checks.same_device(x_visible, "x_visible", mask_token, "mask_token")
     _check_range(ids_restore, "ids_restore", N)
-    be = _resolve("restore_tokens", backend, x_visible.device)
+    be = _backend.resolve("restore_tokens", backend, x_visible.device)
     return _restore(x_visible, ids_restore, mask_token.reshape(D), num_prefix_tokens, be)
 
 
