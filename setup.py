@@ -11,11 +11,32 @@ built against the torch that will run it.
 """
 import glob
 import os
+import shutil
 
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _ensure_cuda_home():
+    """Point CUDA_HOME at a real toolkit before torch.utils.cpp_extension reads it.
+
+    torch guesses CUDA_HOME from the directory above `nvcc`; when `nvcc` is a
+    wrapper script (e.g. /usr/local/bin/nvcc) that guess has no headers or
+    libcudart, and the link fails.  Keep an explicit CUDA_HOME/CUDA_PATH.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
 
 
 def _cuda_requested():
@@ -24,6 +45,7 @@ def _cuda_requested():
         raise RuntimeError(f"SSLOPS_CUDA must be auto, 0 or 1, got {flag!r}")
     if flag == "0":
         return False
+    _ensure_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
