@@ -5,6 +5,8 @@ see :func:`sslops.backends` for what this install can run.
 """
 from ._backend import BACKENDS, backends, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+from . import augment
+from .augment import AugmentParams, SSLViews, sample_params
 
 __version__ = "0.1.0"
 
@@ -16,4 +18,8 @@ __all__ = [
     "info_nce",
     "NTXentLoss",
     "InfoNCELoss",
+    "augment",
+    "AugmentParams",
+    "SSLViews",
+    "sample_params",
 ]
