@@ -228,6 +228,8 @@ def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, cha
     """All views of a validated call: params has N = V * B rows, row n cuts image n % B."""
     be = _backend.resolve("augment", backend, images.device)
     images = images.detach()
+    if len(params) == 0:
+        return _empty_views(images, 0, size, out_dtype, channels_last)
     if be == "reference":
         return reference.augment(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last)
     if be == "triton":
