@@ -135,6 +135,41 @@ SSLOPS_HD void pointwise_jitter(int op, float& r, float& g, float& b, float bri,
   }
 }
 
+// Which jitter ops a view applies, split around contrast (a per-image barrier:
+// it needs the mean gray value of the image after the ops before it).
+// Identity factors are skipped (brightness/contrast/saturation 1, hue 0): on
+// images in [0, 1] they change nothing but rounding.  Unknown op codes are
+// ignored (the Python layer rejects them).
+struct JitterPlan {
+  int n_pre = 0, n_post = 0;  // point-wise ops before / after contrast
+  int pre[4] = {0, 0, 0, 0};
+  int post[4] = {0, 0, 0, 0};
+  bool contrast = false;  // apply contrast (factor != 1)
+};
+
+SSLOPS_HD JitterPlan plan_jitter(bool jitter, const int64_t* order, float bri, float con, float sat, float hue_f) {
+  JitterPlan plan;
+  if (!jitter) return plan;
+  plan.contrast = con != 1.0f;
+  bool after = false;
+  for (int j = 0; j < 4; ++j) {
+    const int op = static_cast<int>(order[j]);
+    if (op == kContrast) {
+      after = plan.contrast;
+      continue;
+    }
+    const bool active = (op == kBrightness && bri != 1.0f) || (op == kSaturation && sat != 1.0f) ||
+                        (op == kHue && hue_f != 0.0f);
+    if (!active) continue;
+    if (after) {
+      plan.post[plan.n_post++] = op;
+    } else {
+      plan.pre[plan.n_pre++] = op;
+    }
+  }
+  return plan;
+}
+
 SSLOPS_HD float solarize(float v) { return v >= kSolarizeThreshold ? 1.0f - v : v; }
 
 // normalize: (x - mean) / std, written as torchvision does it (sub, then div).

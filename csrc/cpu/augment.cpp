@@ -40,10 +40,8 @@ struct View {
   int64_t top = 0, left = 0, height = 1, width = 1;
   bool flip = false, grayscale = false, solarize = false;
   float sigma = 0.0f;
-  bool contrast = false;  // apply contrast (factor != 1)
   float bri = 1.0f, con = 1.0f, sat = 1.0f, hue = 0.0f;
-  int n_pre = 0, n_post = 0;  // pointwise jitter ops before / after contrast
-  int pre[4] = {0, 0, 0, 0}, post[4] = {0, 0, 0, 0};
+  JitterPlan plan;
 };
 
 // Taps of a 1-D resampling, padded to `count` per output sample (zero weights)
@@ -276,8 +274,8 @@ struct Runner {
         combine_rows(base, 3 * S, w, T, in_scale, S, r);
         combine_rows(base + S, 3 * S, w, T, in_scale, S, g);
         combine_rows(base + 2 * S, 3 * S, w, T, in_scale, S, b);
-        for (int k = 0; k < v.n_pre; ++k) jitter_row(v.pre[k], r, g, b, S, v);
-        if (v.contrast) {
+        for (int k = 0; k < v.plan.n_pre; ++k) jitter_row(v.plan.pre[k], r, g, b, S, v);
+        if (v.plan.contrast) {
           ws.rowsum[y] = gray_sum_row(r, g, b, S);
         } else {
           if (v.grayscale) grayscale_row(r, g, b, S);
@@ -287,7 +285,7 @@ struct Runner {
     });
 
     // 3. contrast (image mean of the gray values), remaining jitter ops, grayscale
-    if (v.contrast) {
+    if (v.plan.contrast) {
       double total = 0.0;
       for (int64_t y = 0; y < S; ++y) total += ws.rowsum[y];
       const float mean = static_cast<float>(total / static_cast<double>(S * S));
@@ -295,7 +293,7 @@ struct Runner {
         for (int64_t y = a; y < e; ++y) {
           float *r = R + y * S, *g = G + y * S, *b = B + y * S;
           contrast_row(r, g, b, S, v.con, mean);
-          for (int k = 0; k < v.n_post; ++k) jitter_row(v.post[k], r, g, b, S, v);
+          for (int k = 0; k < v.plan.n_post; ++k) jitter_row(v.plan.post[k], r, g, b, S, v);
           if (v.grayscale) grayscale_row(r, g, b, S);
           if (finish_early) store(v, n, y, r, g, b);
         }
@@ -349,31 +347,11 @@ View make_view(int64_t n, int64_t B, const int64_t* crop, const bool* flip, cons
   v.grayscale = gray[n];
   v.solarize = sol[n];
   v.sigma = sigma[n];
-  if (jitter[n]) {
-    v.bri = bri[n];
-    v.con = con[n];
-    v.sat = sat[n];
-    v.hue = hue_f[n];
-    // Identity factors are skipped (brightness/contrast/saturation 1, hue 0):
-    // on images in [0, 1] they change nothing but rounding.
-    v.contrast = v.con != 1.0f;
-    bool after = false;
-    for (int j = 0; j < 4; ++j) {
-      const int op = static_cast<int>(order[4 * n + j]);
-      if (op == kContrast) {
-        after = v.contrast;
-        continue;
-      }
-      const bool identity = (op == kBrightness && v.bri == 1.0f) || (op == kSaturation && v.sat == 1.0f) ||
-                            (op == kHue && v.hue == 0.0f);
-      if (identity) continue;
-      if (after) {
-        v.post[v.n_post++] = op;
-      } else {
-        v.pre[v.n_pre++] = op;
-      }
-    }
-  }
+  v.bri = bri[n];
+  v.con = con[n];
+  v.sat = sat[n];
+  v.hue = hue_f[n];
+  v.plan = plan_jitter(jitter[n], order + 4 * n, v.bri, v.con, v.sat, v.hue);
   return v;
 }
 
