@@ -40,8 +40,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # ----------------------------------------------------------------------------------------
 def oracle(images, p, size, k, antialias, mean=ZERO, std=ONE):
     outs = []
-    for i in range(images.shape[0]):
-        x = images[i].cpu()
+    for i in range(p["crop"].shape[0]):  # parameter row i cuts image i % B
+        x = images[i % images.shape[0]].cpu()
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         t, l, h, w = [int(v) for v in p["crop"][i]]
         x = tvF.resized_crop(x, t, l, h, w, [size, size], interpolation=tvF.InterpolationMode.BILINEAR,
@@ -123,7 +123,7 @@ def run(images, p, size, k, antialias=True, mean=ZERO, std=ONE, out_dtype=torch.
     out = augment.augment_views(images.to(DEV) if images.device.type != DEV else images, **dp, size=size,
                                 kernel_size=k, antialias=antialias, mean=mean, std=std,
                                 out_dtype=out_dtype, channels_last=channels_last)
-    assert out.shape == (images.shape[0], 3, size, size)
+    assert out.shape == (p["crop"].shape[0], 3, size, size)
     assert out.dtype == out_dtype
     assert out.device.type == DEV
     return out
@@ -322,6 +322,20 @@ def test_multi_tile_images_and_blur_halo_across_tiles():
     p = random_params(B, H, W, gen, p_jitter=1.0, p_blur=1.0)
     p["order"] = torch.tensor([[3, 2, 0, 1], [1, 0, 2, 3]])
     check(imgs, p, size, 7)
+
+
+def test_several_views_per_image_in_one_launch():
+    """N = V * B parameter rows: row n cuts image n % B."""
+    gen = torch.Generator().manual_seed(15)
+    B, V, H, W, size = 3, 2, 14, 12, 9
+    imgs = random_images(B, H, W, gen).contiguous(memory_format=torch.channels_last)
+    p = random_params(B * V, H, W, gen)
+    out = check(imgs, p, size, 3, channels_last=True)
+    assert out.shape == (B * V, 3, size, size)
+    first = run(imgs, {k: v[B:] for k, v in p.items()}, size, 3, channels_last=True)
+    torch.testing.assert_close(out[B:], first, rtol=0, atol=0)
+    with pytest.raises(AssertionError):
+        run(imgs, {k: v[:4] for k, v in p.items()}, size, 3)  # 4 rows for 3 images
 
 
 def test_deterministic():

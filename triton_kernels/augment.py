@@ -34,7 +34,7 @@ Design (two kernels, no image-sized intermediate buffer)
     the blur itself needs no boundary logic), blurred horizontally by a tl.dot with a
     banded (CH x T) Gaussian matrix and accumulated, then blurred vertically by a tl.dot
     with a banded (T x CH) matrix.  This is the separable blur done as two small banded
-    matmuls (fp32, input_precision="ieee"), which is how Triton can move data between
+    matmuls (fp32, input_precision=DOT_PREC), which is how Triton can move data between
     lanes without shared-memory indexing.
     Why recompute rather than an intermediate buffer: the whole pipeline before the blur is
     a few gathers + ~100 flops per pixel, the intermediate would be a full fp32 copy of
@@ -70,6 +70,9 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GRAY_R = 0.2989
 _GRAY_G = 0.587
 _GRAY_B = 0.114
+# fp32 blur matmuls: "ieee" is exact fp32 FMA; "tf32x3" (tensor cores, ~fp32 accuracy) is an
+# untested-on-GPU alternative, selectable for benchmarking.
+DOT_PREC = tl.constexpr(os.environ.get("SSLOPS_TRITON_DOT_PREC", "ieee"))
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,7 +272,7 @@ def _load_sample(crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_pt
 def _contrast_mean_kernel(
     img_ptr, s_n, s_c, s_h, s_w,
     crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr,
-    part_ptr, size, n_tiles_x, n_tiles,
+    part_ptr, n_images, size, n_tiles_x, n_tiles,
     IN_SCALE: tl.constexpr, ANTIALIAS: tl.constexpr, T: tl.constexpr,
 ):
     n = tl.program_id(0)
@@ -284,7 +287,7 @@ def _contrast_mean_kernel(
         sc_x, sup_x, inv_x, nt_x = _axis_params(cw, size, ANTIALIAS)
         oy = (tile // n_tiles_x) * T + tl.arange(0, T)[:, None]
         ox = (tile % n_tiles_x) * T + tl.arange(0, T)[None, :]
-        base = n.to(tl.int64) * s_n
+        base = (n % n_images).to(tl.int64) * s_n
         r, g, b = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw,
                           tl.minimum(oy, size - 1), tl.minimum(ox, size - 1), size, False,
                           sc_y, sup_y, inv_y, nt_y, sc_x, sup_x, inv_x, nt_x,
@@ -309,100 +312,117 @@ def _augment_kernel(
     img_ptr, s_n, s_c, s_h, s_w,
     crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr,
     flip_ptr, gray_ptr, sigma_ptr, sol_ptr,
-    part_ptr, out_ptr, o_n, o_c, o_h, o_w,
-    size, n_tiles_x, n_tiles,
+    part_ptr, n_parts, out_ptr, o_n, o_c, o_h, o_w,
+    n_images, size, n_tiles_x,
     m0, m1, m2, r0, r1, r2,
-    IN_SCALE: tl.constexpr, ANTIALIAS: tl.constexpr,
+    IN_SCALE: tl.constexpr, ANTIALIAS: tl.constexpr, BLUR: tl.constexpr,
     T: tl.constexpr, CH: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-    NCH: tl.constexpr, NTP: tl.constexpr,
+    NCH: tl.constexpr, NPP: tl.constexpr,
 ):
+    """Views of the samples with (BLUR=True) or without (BLUR=False) gaussian blur; the
+    other samples' programs exit at once.  Two specialisations rather than one kernel with
+    a runtime branch, so that the register-hungry blur path does not cap the occupancy of
+    the plain one."""
     n = tl.program_id(0)
     tile = tl.program_id(1)
-    top, left, ch, cw, o0, o1, o2, o3, jit, bri, con, sat, hue = _load_sample(
-        crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n)
-    flip = tl.load(flip_ptr + n).to(tl.int32) != 0
-    gray = tl.load(gray_ptr + n).to(tl.int32) != 0
     sigma = tl.load(sigma_ptr + n).to(tl.float32)
-    sol = tl.load(sol_ptr + n).to(tl.int32) != 0
-    n_ops = tl.where(jit, 4, 0)
-
-    # contrast mean from pass 0's partial sums (fixed summation order)
-    tid = tl.arange(0, NTP)
-    parts = tl.load(part_ptr + n * n_tiles + tid, mask=tid < n_tiles, other=0.0)
-    cmean = tl.sum(parts, axis=0) / (size * size).to(tl.float32)
-
-    sc_y, sup_y, inv_y, nt_y = _axis_params(ch, size, ANTIALIAS)
-    sc_x, sup_x, inv_x, nt_x = _axis_params(cw, size, ANTIALIAS)
-    base = n.to(tl.int64) * s_n
-    y0 = (tile // n_tiles_x) * T
-    x0 = (tile % n_tiles_x) * T
-    oy = y0 + tl.arange(0, T)[:, None]
-    ox = x0 + tl.arange(0, T)[None, :]
-    cy_ = tl.minimum(oy, size - 1)  # lanes past the edge compute a valid pixel, never stored
-    cx_ = tl.minimum(ox, size - 1)
-
-    if sigma > 0.0:
-        # fused separable blur: chunks of the (T + K - 1)^2 halo region are recomputed at
-        # reflected coordinates, then blurred by banded matmuls (H: [CH,CH]@[CH,T], V: [T,CH]@[CH,T])
-        inv_s = 0.7071067811865476 / sigma  # exp(-((d - K//2) / (sqrt(2) sigma))^2)
-        kd = tl.arange(0, KP)
-        ke = (kd - K // 2).to(tl.float32) * inv_s
-        inv_z = 1.0 / tl.sum(tl.where(kd < K, tl.exp(-ke * ke), 0.0), axis=0)
-        acc_r = tl.zeros((T, T), dtype=tl.float32)
-        acc_g = tl.zeros((T, T), dtype=tl.float32)
-        acc_b = tl.zeros((T, T), dtype=tl.float32)
-        for ci in range(NCH):
-            hy = ci * CH + tl.arange(0, CH)  # halo row index, image row y0 - K//2 + hy
-            ry = _reflect(y0 - K // 2 + hy, size)[:, None]
-            h_r = tl.zeros((CH, T), dtype=tl.float32)
-            h_g = tl.zeros((CH, T), dtype=tl.float32)
-            h_b = tl.zeros((CH, T), dtype=tl.float32)
-            for cj in range(NCH):
-                hx = cj * CH + tl.arange(0, CH)
-                rx = _reflect(x0 - K // 2 + hx, size)[None, :]
-                xr, xg, xb = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw, ry, rx, size, flip,
-                                     sc_y, sup_y, inv_y, nt_y, sc_x, sup_x, inv_x, nt_x,
-                                     o0, o1, o2, o3, n_ops, bri, con, sat, hue, cmean, gray, IN_SCALE)
-                # out column x (tile-local) takes halo column hx with tap hx - x
-                wh = _gauss(hx[:, None] - tl.arange(0, T)[None, :], K, inv_s, inv_z)  # [CH, T]
-                h_r += tl.dot(xr, wh, input_precision="ieee")
-                h_g += tl.dot(xg, wh, input_precision="ieee")
-                h_b += tl.dot(xb, wh, input_precision="ieee")
-            wv = _gauss(hy[None, :] - tl.arange(0, T)[:, None], K, inv_s, inv_z)  # [T, CH]
-            acc_r += tl.dot(wv, h_r, input_precision="ieee")
-            acc_g += tl.dot(wv, h_g, input_precision="ieee")
-            acc_b += tl.dot(wv, h_b, input_precision="ieee")
-        r = acc_r
-        g = acc_g
-        b = acc_b
+    if BLUR:
+        active = sigma > 0.0
     else:
-        r, g, b = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw, cy_, cx_, size, flip,
-                          sc_y, sup_y, inv_y, nt_y, sc_x, sup_x, inv_x, nt_x,
-                          o0, o1, o2, o3, n_ops, bri, con, sat, hue, cmean, gray, IN_SCALE)
+        active = sigma <= 0.0
+    if active:
+        top, left, ch, cw, o0, o1, o2, o3, jit, bri, con, sat, hue = _load_sample(
+            crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n)
+        flip = tl.load(flip_ptr + n).to(tl.int32) != 0
+        gray = tl.load(gray_ptr + n).to(tl.int32) != 0
+        sol = tl.load(sol_ptr + n).to(tl.int32) != 0
+        n_ops = tl.where(jit, 4, 0)
 
-    if sol:
-        r = tl.where(r >= 0.5, 1.0 - r, r)
-        g = tl.where(g >= 0.5, 1.0 - g, g)
-        b = tl.where(b >= 0.5, 1.0 - b, b)
-    r = (r - m0) / r0
-    g = (g - m1) / r1
-    b = (b - m2) / r2
-    mask = (oy < size) & (ox < size)
-    p = out_ptr + n.to(tl.int64) * o_n + oy * o_h + ox * o_w
-    ty = out_ptr.dtype.element_ty
-    tl.store(p, r.to(ty), mask=mask)
-    tl.store(p + o_c, g.to(ty), mask=mask)
-    tl.store(p + 2 * o_c, b.to(ty), mask=mask)
+        # contrast mean from pass 0's partial sums (fixed summation order)
+        tid = tl.arange(0, NPP)
+        parts = tl.load(part_ptr + n * n_parts + tid, mask=tid < n_parts, other=0.0)
+        cmean = tl.sum(parts, axis=0) / (size * size).to(tl.float32)
+
+        sc_y, sup_y, inv_y, nt_y = _axis_params(ch, size, ANTIALIAS)
+        sc_x, sup_x, inv_x, nt_x = _axis_params(cw, size, ANTIALIAS)
+        base = (n % n_images).to(tl.int64) * s_n  # view n cuts image n % B
+        y0 = (tile // n_tiles_x) * T
+        x0 = (tile % n_tiles_x) * T
+        oy = y0 + tl.arange(0, T)[:, None]
+        ox = x0 + tl.arange(0, T)[None, :]
+
+        if BLUR:
+            # fused separable blur: CH x CH chunks of the (T + K - 1)^2 halo region are
+            # recomputed at reflected coordinates, then blurred by banded matmuls
+            # (horizontal [CH, CH] @ [CH, T], vertical [T, CH] @ [CH, T])
+            inv_s = 0.7071067811865476 / sigma  # exp(-((d - K//2) / (sqrt(2) sigma))^2)
+            kd = tl.arange(0, KP)
+            ke = (kd - K // 2).to(tl.float32) * inv_s
+            inv_z = 1.0 / tl.sum(tl.where(kd < K, tl.exp(-ke * ke), 0.0), axis=0)
+            r = tl.zeros((T, T), dtype=tl.float32)
+            g = tl.zeros((T, T), dtype=tl.float32)
+            b = tl.zeros((T, T), dtype=tl.float32)
+            for ci in range(NCH):
+                hy = ci * CH + tl.arange(0, CH)  # halo row index: image row y0 - K//2 + hy
+                ry = _reflect(y0 - K // 2 + hy, size)[:, None]
+                h_r = tl.zeros((CH, T), dtype=tl.float32)
+                h_g = tl.zeros((CH, T), dtype=tl.float32)
+                h_b = tl.zeros((CH, T), dtype=tl.float32)
+                for cj in range(NCH):
+                    hx = cj * CH + tl.arange(0, CH)
+                    rx = _reflect(x0 - K // 2 + hx, size)[None, :]
+                    xr, xg, xb = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw, ry, rx, size, flip,
+                                         sc_y, sup_y, inv_y, nt_y, sc_x, sup_x, inv_x, nt_x,
+                                         o0, o1, o2, o3, n_ops, bri, con, sat, hue, cmean, gray, IN_SCALE)
+                    # output column x (tile-local) takes halo column hx through tap hx - x
+                    wh = _gauss(hx[:, None] - tl.arange(0, T)[None, :], K, inv_s, inv_z)  # [CH, T]
+                    h_r += tl.dot(xr, wh, input_precision=DOT_PREC)
+                    h_g += tl.dot(xg, wh, input_precision=DOT_PREC)
+                    h_b += tl.dot(xb, wh, input_precision=DOT_PREC)
+                wv = _gauss(hy[None, :] - tl.arange(0, T)[:, None], K, inv_s, inv_z)  # [T, CH]
+                r += tl.dot(wv, h_r, input_precision=DOT_PREC)
+                g += tl.dot(wv, h_g, input_precision=DOT_PREC)
+                b += tl.dot(wv, h_b, input_precision=DOT_PREC)
+        else:
+            # lanes past the image edge compute a valid (clamped) pixel that is never stored
+            r, g, b = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw,
+                              tl.minimum(oy, size - 1), tl.minimum(ox, size - 1), size, flip,
+                              sc_y, sup_y, inv_y, nt_y, sc_x, sup_x, inv_x, nt_x,
+                              o0, o1, o2, o3, n_ops, bri, con, sat, hue, cmean, gray, IN_SCALE)
+
+        if sol:
+            r = tl.where(r >= 0.5, 1.0 - r, r)
+            g = tl.where(g >= 0.5, 1.0 - g, g)
+            b = tl.where(b >= 0.5, 1.0 - b, b)
+        r = (r - m0) / r0
+        g = (g - m1) / r1
+        b = (b - m2) / r2
+        mask = (oy < size) & (ox < size)
+        p = out_ptr + n.to(tl.int64) * o_n + oy * o_h + ox * o_w
+        ty = out_ptr.dtype.element_ty
+        tl.store(p, r.to(ty), mask=mask)
+        tl.store(p + o_c, g.to(ty), mask=mask)
+        tl.store(p + 2 * o_c, b.to(ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------
-def _tiles(size: int, kernel_size: int, device: torch.device):
-    """(T, CH): output tile edge and blur-halo chunk edge (powers of two, >= 16 for tl.dot)."""
-    if device.type != "cuda" or size <= 16:
-        return 16, 16
-    return 32, 16
+def _configs(size: int, device: torch.device):
+    """Tile edges and warps: (mean pass T, num_warps), (plain views T, num_warps), (blurred
+    views T, CH, num_warps).  Tiles are powers of two, >= 16 for tl.dot.
+
+    sm_90 register counts from ptxas (no GPU was available to time them): mean pass T=32/8
+    warps, plain view kernel T=32/8 warps and blur kernel T=32/CH=16/8 warps compile
+    without spills; the blur kernel needs ~255 registers/thread whatever the tiles (FMA
+    fp32 dots), hence its own specialisation.
+    """
+    if device.type != "cuda":  # interpreter: few, small programs; tiling still exercised
+        t = 16 if size <= 16 else 32
+        return (t, 4), (16, 4), (16, 16, 4)
+    if size <= 16:
+        return (16, 4), (16, 4), (16, 16, 4)
+    return (32, 8), (32, 8), (32, 16, 8)
 
 
 def _param(t: torch.Tensor, name: str, B: int, device, shape_tail=()):
@@ -415,7 +435,11 @@ def _param(t: torch.Tensor, name: str, B: int, device, shape_tail=()):
 def augment_views(images, crop, flip, jitter, brightness, contrast, saturation, hue, order, grayscale,
                   blur_sigma, solarize, size: int, kernel_size: int, antialias: bool,
                   mean, std, out_dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """One augmented view per sample, (B, 3, size, size) in ``out_dtype``.
+    """One augmented view per parameter row, (N, 3, size, size) in ``out_dtype``.
+
+    N = len(crop) is B (one view per image) or any multiple V * B: row n then cuts image
+    n % B, so several views of a batch come out of one launch (views stacked view-major,
+    no torch.cat needed).
 
     ``images``: uint8 (scaled by 1/255) or float in [0, 1], (B, 3, H, W), any strides.
     Parameters as in ``sslops.augment.AugmentParams`` (validated by the caller; only
@@ -430,51 +454,56 @@ def augment_views(images, crop, flip, jitter, brightness, contrast, saturation, 
     assert size > 0, "size must be > 0"
     assert kernel_size > 0 and kernel_size % 2 == 1, "kernel_size must be odd and positive"
     B = images.shape[0]
+    N = crop.shape[0] if isinstance(crop, torch.Tensor) and crop.dim() >= 1 else -1
+    assert N >= 0 and (N == B or (B > 0 and N % B == 0)), f"{N} parameter rows for {B} images"
     dev = images.device
-    crop = _param(crop, "crop", B, dev, (4,))
-    order = _param(order, "order", B, dev, (4,))
-    flip = _param(flip, "flip", B, dev)
-    jitter = _param(jitter, "jitter", B, dev)
-    grayscale = _param(grayscale, "grayscale", B, dev)
-    solarize = _param(solarize, "solarize", B, dev)
-    brightness = _param(brightness, "brightness", B, dev)
-    contrast = _param(contrast, "contrast", B, dev)
-    saturation = _param(saturation, "saturation", B, dev)
-    hue = _param(hue, "hue", B, dev)
-    blur_sigma = _param(blur_sigma, "blur_sigma", B, dev)
+    crop = _param(crop, "crop", N, dev, (4,))
+    order = _param(order, "order", N, dev, (4,))
+    flip = _param(flip, "flip", N, dev)
+    jitter = _param(jitter, "jitter", N, dev)
+    grayscale = _param(grayscale, "grayscale", N, dev)
+    solarize = _param(solarize, "solarize", N, dev)
+    brightness = _param(brightness, "brightness", N, dev)
+    contrast = _param(contrast, "contrast", N, dev)
+    saturation = _param(saturation, "saturation", N, dev)
+    hue = _param(hue, "hue", N, dev)
+    blur_sigma = _param(blur_sigma, "blur_sigma", N, dev)
     mean = tuple(float(m) for m in mean)
     std = tuple(float(s) for s in std)
     assert len(mean) == 3 and len(std) == 3, "mean and std need 3 values"
 
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    out = torch.empty((B, 3, size, size), dtype=out_dtype, device=dev, memory_format=fmt)
+    out = torch.empty((N, 3, size, size), dtype=out_dtype, device=dev, memory_format=fmt)
     if os.environ.get("SSLOPS_POISON", "0") == "1":  # test convention: unwritten -> NaN
         out.fill_(float("nan"))
-    if B == 0:
+    if N == 0:
         return out
 
-    T, CH = _tiles(size, kernel_size, dev)
-    ntx = triton.cdiv(size, T)
-    n_tiles = ntx * ntx
-    NTP = triton.next_power_of_2(n_tiles)
-    NCH = triton.cdiv(T + kernel_size - 1, CH)
-    KP = triton.next_power_of_2(kernel_size)
+    (tm, wm), (tp, wp), (tb, cb, wb) = _configs(size, dev)
     in_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
-    partials = torch.empty((B, n_tiles), dtype=torch.float32, device=dev)
     s_n, s_c, s_h, s_w = images.stride()
-    grid = (B, n_tiles)
-    common = (images, s_n, s_c, s_h, s_w, crop, order, jitter, brightness, contrast, saturation, hue)
-    _contrast_mean_kernel[grid](
-        *common, partials, size, ntx, n_tiles,
-        IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=T, num_warps=4,
-    )
     o_n, o_c, o_h, o_w = out.stride()
-    _augment_kernel[grid](
-        *common, flip, grayscale, blur_sigma, solarize,
-        partials, out, o_n, o_c, o_h, o_w,
-        size, ntx, n_tiles,
-        mean[0], mean[1], mean[2], std[0], std[1], std[2],
-        IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=T, CH=CH, K=kernel_size, KP=KP,
-        NCH=NCH, NTP=NTP, num_warps=4,
+    common = (images, s_n, s_c, s_h, s_w, crop, order, jitter, brightness, contrast, saturation, hue)
+
+    # pass 0: per-tile grayscale sums for contrast (fp32, N x tiles)
+    ntx = triton.cdiv(size, tm)
+    n_parts = ntx * ntx
+    partials = torch.empty((N, n_parts), dtype=torch.float32, device=dev)
+    _contrast_mean_kernel[(N, n_parts)](
+        *common, partials, B, size, ntx, n_parts,
+        IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=tm, num_warps=wm,
     )
+    # pass 1: the views, once specialised for samples without blur and once for those with
+    for blur, t, chunk, warps in ((False, tp, 16, wp), (True, tb, cb, wb)):
+        ntx = triton.cdiv(size, t)
+        _augment_kernel[(N, ntx * ntx)](
+            *common, flip, grayscale, blur_sigma, solarize,
+            partials, n_parts, out, o_n, o_c, o_h, o_w,
+            B, size, ntx,
+            mean[0], mean[1], mean[2], std[0], std[1], std[2],
+            IN_SCALE=in_scale, ANTIALIAS=bool(antialias), BLUR=blur, T=t, CH=chunk,
+            K=kernel_size if blur else 1, KP=triton.next_power_of_2(kernel_size) if blur else 1,
+            NCH=triton.cdiv(t + kernel_size - 1, chunk) if blur else 1,
+            NPP=triton.next_power_of_2(n_parts), num_warps=warps,
+        )
     return out
