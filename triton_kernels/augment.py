@@ -11,38 +11,43 @@ with torchvision.transforms.v2.functional's float semantics.  Everything per sam
 runtime value loaded from the parameter tensors: one compilation serves every batch with
 the same (image dtype, output dtype, kernel_size, antialias, tile sizes).
 
-Design (two kernels, no image-sized intermediate buffer)
---------------------------------------------------------
-``_contrast_mean_kernel`` (pass 0), grid (B, tiles).  adjust_contrast blends with the mean
+Design (two kernels, three launches, no image-sized intermediate buffer)
+-----------------------------------------------------------------------
+``_contrast_mean_kernel`` (pass 0), grid (N, tiles).  adjust_contrast blends with the mean
     of the grayscale of the image *as it is when contrast runs*, i.e. after the jitter ops
     that precede contrast in that sample's order.  Each program recomputes its output tile
     up to (not including) contrast -- crop/resize from the source, then the preceding ops
-    (flip does not change a mean) -- and writes the tile's grayscale sum to a
-    (B, tiles) fp32 partial-sum buffer (a few hundred bytes per image).  Samples without
-    jitter, or with contrast factor exactly 1 (a bit-exact identity), skip the work and
-    write 0.  The partials are reduced by the consumer in a fixed order, so results are
-    deterministic (no atomics).
+    (flip does not change a mean) -- and writes the tile's grayscale sum to an (N, tiles)
+    fp32 partial-sum buffer (49 floats per view at 224 px).  Views without jitter, or with
+    contrast factor exactly 1 (a bit-exact identity), skip the work and write 0.  The
+    consumer reduces the partials in a fixed order: deterministic, no atomics.
 
-``_augment_kernel`` (pass 1), grid (B, tiles of T x T output pixels).  Reduces the sample's
-    partial sums to the contrast mean, then evaluates the per-pixel pipeline
-    ``_pixels`` (crop/resize straight from the uint8 / float source through the caller's
-    strides, flip, jitter in order, grayscale) in registers and, for samples without blur,
-    finishes with solarize + normalize + a strided store.  Samples with sigma > 0 take a
-    runtime branch that does the blur fully fused: the tile plus its (k - 1) halo is
-    covered by CH x CH chunks; each chunk's pre-blur pixels are *recomputed* at the
-    reflected positions (torch "reflect" padding folded into the chunk's coordinates, so
-    the blur itself needs no boundary logic), blurred horizontally by a tl.dot with a
-    banded (CH x T) Gaussian matrix and accumulated, then blurred vertically by a tl.dot
-    with a banded (T x CH) matrix.  This is the separable blur done as two small banded
-    matmuls (fp32, input_precision=DOT_PREC), which is how Triton can move data between
-    lanes without shared-memory indexing.
-    Why recompute rather than an intermediate buffer: the whole pipeline before the blur is
-    a few gathers + ~100 flops per pixel, the intermediate would be a full fp32 copy of
-    every blurred view (written once, read k times by two more passes), and the
-    recomputation factor is ((T + k - 1) rounded up to CH) / T squared: 4x with the default
-    tiles at k = 23 (224 px), paid by blurred samples only.  For very large kernels
-    (k >> T, e.g. k close to 2 * size) the recomputation grows like (k / T)^2: correct but
-    slow; the CUDA backend is the fast path there.
+``_augment_kernel`` (pass 1), grid (N, tiles of T x T output pixels), launched twice: once
+    specialised for views without blur (BLUR=False) and once for views with blur
+    (BLUR=True); in each launch the programs of the other views exit after loading sigma.
+    (One kernel with a runtime branch would work too, but the blur path needs ~255
+    registers/thread on sm_90 and would cap the occupancy of the plain path at that.)
+    Each program reduces its view's partial sums to the contrast mean and evaluates the
+    per-pixel pipeline ``_pixels`` (crop/resize straight from the uint8 / float source
+    through the caller's strides, flip, jitter in order, grayscale) in registers, then
+    solarize + normalize + a strided store (NCHW or channels_last, fp32/bf16/fp16).
+    Blurred views do the blur fully fused: the tile plus its (k - 1) halo is covered by
+    CH x CH chunks; each chunk's pre-blur pixels are *recomputed* at reflected positions
+    (torch "reflect" padding folded into the chunk's coordinates, so the blur itself has
+    no boundary logic), blurred horizontally by a tl.dot with a banded (CH x T) Gaussian
+    matrix and accumulated, then vertically by a tl.dot with a banded (T x CH) matrix: the
+    separable blur as two small banded matmuls (fp32, input_precision="ieee"), which is
+    how Triton moves data between lanes without shared-memory indexing.
+    Why recompute rather than an intermediate buffer: the pipeline before the blur is a
+    few gathers + ~100 flops per pixel, an intermediate would be a full fp32 copy of every
+    blurred view (written once, then read k times by two more passes), and the
+    recomputation factor is (ceil((T + k - 1) / CH) * CH / T)^2: 4x with the GPU tiles
+    (T=32, CH=16) at k = 23 (224 px), paid by blurred views only.  For very large kernels
+    (k >> T, e.g. k close to 2 * size) it grows like (k / T)^2: still correct, but slow;
+    the CUDA backend is the fast path there.
+
+N parameter rows may be any multiple V * B of the batch: row n cuts image n % B, so all
+views of a batch come from one set of launches.
 
 Resize: PyTorch's ``_upsample_bilinear2d_aa`` weights (separable triangle filter with
 support scaled by the scale factor on downscale, weights normalised per axis,
@@ -57,7 +62,6 @@ kernels run on CPU tensors (fp32/fp16 only: numpy has no bf16).
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -67,11 +71,8 @@ import triton.language as tl
 __all__ = ["augment_views"]
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_GRAY_R = 0.2989
-_GRAY_G = 0.587
-_GRAY_B = 0.114
-# fp32 blur matmuls: "ieee" is exact fp32 FMA; "tf32x3" (tensor cores, ~fp32 accuracy) is an
-# untested-on-GPU alternative, selectable for benchmarking.
+# precision of the fp32 blur matmuls: "ieee" (fp32 FMA, the default) or, for benchmarking
+# only, "tf32x3" (tensor cores, about fp32 accuracy; not validated on a GPU yet).
 DOT_PREC = tl.constexpr(os.environ.get("SSLOPS_TRITON_DOT_PREC", "ieee"))
 
 
