@@ -269,7 +269,7 @@ def test_strided_view_input():
     check(imgs, p, 7, 3)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 def test_float_input(dtype):
     gen = torch.Generator().manual_seed(10)
     B, H, W, size = 4, 15, 13, 11
