@@ -523,3 +523,15 @@ def test_cuda_opcheck_and_views():
     views = A.SSLViews("byol", size=16, views=2, generator=torch.Generator("cuda").manual_seed(0))
     v1, v2 = views(x)
     assert v1.is_cuda and v1.shape == (2, 3, 16, 16) and torch.isfinite(v1).all() and torch.isfinite(v2).all()
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU kernel not built")
+@pytest.mark.parametrize("isa", ["base", "auto"])
+def test_cpu_isa_paths(monkeypatch, isa):
+    """The baseline build of the CPU row kernels and the AVX2/FMA one (when the CPU has it) both match."""
+    monkeypatch.setenv("SSLOPS_CPU_ISA", isa)
+    x = rand_images(6, 41, 37, seed=17)
+    p = A.sample_params(6, (41, 37), generator=torch.Generator().manual_seed(6))
+    p.jitter[:] = True
+    p.blur_sigma[::2] = 1.5
+    assert_close(run(x, p, 29, "cpu"), oracle(x, p, 29))

@@ -53,8 +53,11 @@ SSLOPS_HD float floor_(float x) {
 #if defined(__CUDA_ARCH__)
   return floorf(x);
 #else
+  // Arithmetic outside the select: GCC does not if-convert (vectorise) selects
+  // whose arms may trap under the default -ftrapping-math.
   const float t = static_cast<float>(static_cast<int32_t>(x));
-  return t > x ? t - 1.0f : t;
+  const float t_minus_1 = t - 1.0f;
+  return t > x ? t_minus_1 : t;
 #endif
 }
 
@@ -97,7 +100,8 @@ SSLOPS_HD void hue(float& r, float& g, float& b, float hue_factor) {
   const bool max_is_r = maxc == r;
   const bool max_is_g = maxc == g;
   // hr where max == r; hg where max == g != r; hb elsewhere (the masks are disjoint).
-  float h = max_is_r ? (bc - gc) : (max_is_g ? (rc + 2.0f - bc) : (gc + 4.0f - rc));
+  const float hr = bc - gc, hg = rc + 2.0f - bc, hb = gc + 4.0f - rc;
+  float h = max_is_r ? hr : (max_is_g ? hg : hb);
   h = h * (1.0f / 6.0f) + 1.0f;
   h = h - floor_(h);  // fmod(h, 1) for h > 0
   const float v = maxc;
@@ -108,17 +112,19 @@ SSLOPS_HD void hue(float& r, float& g, float& b, float hue_factor) {
   const float h6 = h * 6.0f;
   const float fi = floor_(h6);
   const float f = h6 - fi;
-  int i = static_cast<int>(fi);
-  i = i >= 6 ? i - 6 : i;  // remainder(i, 6); i is in [0, 6] here
   const float sxf = s * f;
   const float one_minus_s = 1.0f - s;
   const float q = clamp01((1.0f - sxf) * v);
   const float t = clamp01((sxf + one_minus_s) * v);
   const float p = clamp01(one_minus_s * v);
-  // select = [[v q p p t v], [t v v q p p], [p p t v v q]]
-  r = (i == 0 || i == 5) ? v : (i == 1 ? q : (i == 4 ? t : p));
-  g = (i == 1 || i == 2) ? v : (i == 0 ? t : (i == 3 ? q : p));
-  b = (i == 3 || i == 4) ? v : (i == 2 ? t : (i == 5 ? q : p));
+  // select = [[v q p p t v], [t v v q p p], [p p t v v q]] indexed by
+  // remainder(i, 6); fi is in [0, 6] and sector 6 is sector 0.  Float compares
+  // and non-short-circuit ors keep it branch-free (vectorisable).
+  const bool s0 = (fi == 0.0f) | (fi == 6.0f), s1 = fi == 1.0f, s2 = fi == 2.0f;
+  const bool s3 = fi == 3.0f, s4 = fi == 4.0f, s5 = fi == 5.0f;
+  r = (s0 | s5) ? v : (s1 ? q : (s4 ? t : p));
+  g = (s1 | s2) ? v : (s0 ? t : (s3 ? q : p));
+  b = (s3 | s4) ? v : (s2 ? t : (s5 ? q : p));
 }
 
 // A jitter op other than contrast, in place (contrast needs the image mean and

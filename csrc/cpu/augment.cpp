@@ -23,8 +23,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
+// The colour math selects between arithmetic results; under GCC's default
+// -ftrapping-math such selects are not if-converted, which keeps the HSV loop
+// scalar.  The kernels never rely on FP exceptions, so drop the flag for the
+// augment code (after the ATen headers, so it applies to this file's code only).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC optimize("no-trapping-math")
+#endif
 #include "common/augment.h"
 #include "common/augment_host.h"
 
@@ -33,6 +42,7 @@ namespace augment {
 namespace {
 
 constexpr int64_t kRowGrain = 4;
+constexpr int64_t kStoreChunk = 256;
 
 // One view's parameters, as the passes use them.
 struct View {
@@ -71,6 +81,11 @@ struct Taps {
   int hi() const { return *std::max_element(start.begin(), start.end()) + count; }
 };
 
+// Source (s*) and output (d*) strides, in elements.
+struct Strides {
+  int64_t sB, sC, sH, sW, dN, dC, dH, dW;
+};
+
 // Per-worker buffers.
 struct Workspace {
   Taps cols, rows;
@@ -100,239 +115,33 @@ void for_rows(bool parallel, int64_t n, const F& body) {
   }
 }
 
-// ---- row kernels (vectorisable loops) ----
+namespace base {
+#include "cpu/augment_rows.inc"
+}  // namespace base
 
-template <typename in_t>
-void load_row(const in_t* src, int64_t sc, int64_t sw, int64_t width, float* dst /* (3, width) */) {
-  for (int c = 0; c < 3; ++c) {
-    const in_t* p = src + c * sc;
-    float* d = dst + c * width;
-    for (int64_t x = 0; x < width; ++x) d[x] = static_cast<float>(p[x * sw]);
-  }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define SSLOPS_AUGMENT_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "cpu/augment_rows.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#else
+#define SSLOPS_AUGMENT_AVX2 0
+#endif
+
+// The AVX2/FMA build of the row kernels when the CPU has them, unless
+// SSLOPS_CPU_ISA=base (read per call, so tests can compare both paths).
+bool use_avx2() {
+#if SSLOPS_AUGMENT_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const char* isa = std::getenv("SSLOPS_CPU_ISA");
+  return ok && !(isa != nullptr && std::strcmp(isa, "base") == 0);
+#else
+  return false;
+#endif
 }
-
-// dst[x] = sum_j w[x * T + j] * src[start[x] + j]
-void resample_row(const float* src, const Taps& t, int64_t S, float* dst) {
-  const int T = t.count;
-  const int* st = t.start.data();
-  const float* w = t.w.data();
-  for (int64_t x = 0; x < S; ++x) {
-    const float* s = src + st[x];
-    const float* wx = w + x * T;
-    float acc = 0.0f;
-    for (int j = 0; j < T; ++j) acc += wx[j] * s[j];
-    dst[x] = acc;
-  }
-}
-
-// dst[x] = scale * sum_j w[j] * rows[j][x]; rows j at base + j * stride.
-void combine_rows(const float* base, int64_t stride, const float* w, int T, float scale, int64_t S, float* dst) {
-  for (int64_t x = 0; x < S; ++x) dst[x] = 0.0f;
-  for (int j = 0; j < T; ++j) {
-    const float wj = w[j];
-    const float* s = base + j * stride;
-#pragma omp simd
-    for (int64_t x = 0; x < S; ++x) dst[x] += wj * s[x];
-  }
-  if (scale != 1.0f) {
-#pragma omp simd
-    for (int64_t x = 0; x < S; ++x) dst[x] *= scale;
-  }
-}
-
-void jitter_row(int op, float* r, float* g, float* b, int64_t S, const View& v) {
-  switch (op) {
-    case kBrightness:
-#pragma omp simd
-      for (int64_t x = 0; x < S; ++x) {
-        r[x] = brightness(r[x], v.bri);
-        g[x] = brightness(g[x], v.bri);
-        b[x] = brightness(b[x], v.bri);
-      }
-      break;
-    case kSaturation:
-#pragma omp simd
-      for (int64_t x = 0; x < S; ++x) {
-        float rr = r[x], gg = g[x], bb = b[x];
-        saturation(rr, gg, bb, v.sat);
-        r[x] = rr;
-        g[x] = gg;
-        b[x] = bb;
-      }
-      break;
-    case kHue:
-#pragma omp simd
-      for (int64_t x = 0; x < S; ++x) {
-        float rr = r[x], gg = g[x], bb = b[x];
-        hue(rr, gg, bb, v.hue);
-        r[x] = rr;
-        g[x] = gg;
-        b[x] = bb;
-      }
-      break;
-    default:
-      break;
-  }
-}
-
-void contrast_row(float* r, float* g, float* b, int64_t S, float factor, float mean) {
-#pragma omp simd
-  for (int64_t x = 0; x < S; ++x) {
-    float rr = r[x], gg = g[x], bb = b[x];
-    contrast(rr, gg, bb, factor, mean);
-    r[x] = rr;
-    g[x] = gg;
-    b[x] = bb;
-  }
-}
-
-double gray_sum_row(const float* r, const float* g, const float* b, int64_t S) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t x = 0; x < S; ++x) acc += gray(r[x], g[x], b[x]);
-  return static_cast<double>(acc);
-}
-
-void grayscale_row(float* r, float* g, float* b, int64_t S) {
-#pragma omp simd
-  for (int64_t x = 0; x < S; ++x) {
-    const float l = gray(r[x], g[x], b[x]);
-    r[x] = l;
-    g[x] = l;
-    b[x] = l;
-  }
-}
-
-// out[x] = sum_j w[j] * pad[x + j]
-void blur_row(const float* pad, const float* w, int K, int64_t S, float* out) {
-  for (int64_t x = 0; x < S; ++x) out[x] = 0.0f;
-  for (int j = 0; j < K; ++j) {
-    const float wj = w[j];
-    const float* s = pad + j;
-#pragma omp simd
-    for (int64_t x = 0; x < S; ++x) out[x] += wj * s[x];
-  }
-}
-
-// Solarize, normalize and store one channel row of view n.
-template <typename out_t>
-void store_row(const float* v, bool sol, float mean, float std, out_t* out, int64_t sx, int64_t S) {
-  if (sol) {
-    for (int64_t x = 0; x < S; ++x) out[x * sx] = static_cast<out_t>(normalize(solarize(v[x]), mean, std));
-  } else {
-    for (int64_t x = 0; x < S; ++x) out[x * sx] = static_cast<out_t>(normalize(v[x], mean, std));
-  }
-}
-
-template <typename in_t, typename out_t>
-struct Runner {
-  const Config& cfg;
-  const in_t* src;
-  int64_t ssB, ssC, ssH, ssW;  // source strides
-  out_t* dst;
-  int64_t sdN, sdC, sdH, sdW;  // output strides
-  float in_scale;
-
-  void store(const View& v, int64_t n, int64_t y, const float* r, const float* g, const float* b) const {
-    const float* planes[3] = {r, g, b};
-    out_t* o = dst + n * sdN + y * sdH;
-    for (int c = 0; c < 3; ++c) store_row(planes[c], v.solarize, cfg.mean[c], cfg.std[c], o + c * sdC, sdW, cfg.S);
-  }
-
-  // One view, its stages serial (par = false) or parallel over rows.
-  void view(const View& v, int64_t n, Workspace& ws, bool par) const {
-    const int64_t S = cfg.S;
-    const size_t plane = static_cast<size_t>(S) * S;
-    float* R = ws.img.data();
-    float* G = R + plane;
-    float* B = G + plane;
-    ws.cols.build(static_cast<int>(v.width), static_cast<int>(S), cfg.antialias, v.flip);
-    ws.rows.build(static_cast<int>(v.height), static_cast<int>(S), cfg.antialias, false);
-    const int y_lo = ws.rows.lo(), y_hi = ws.rows.hi();
-    const bool blur = v.sigma > 0.0f;
-    const bool finish_early = !blur;  // store in the last colour pass
-
-    // 1. horizontal resampling of crop rows [y_lo, y_hi)
-    const in_t* img_src = src + v.image * ssB + v.top * ssH + v.left * ssW;
-    for_rows(par, y_hi - y_lo, [&](int64_t a, int64_t e) {
-      std::vector<float> row(3 * v.width);
-      for (int64_t i = a; i < e; ++i) {
-        const int64_t y = y_lo + i;
-        load_row(img_src + y * ssH, ssC, ssW, v.width, row.data());
-        float* out = ws.htmp.data() + static_cast<size_t>(i) * 3 * S;
-        for (int c = 0; c < 3; ++c) resample_row(row.data() + c * v.width, ws.cols, S, out + c * S);
-      }
-    });
-
-    // 2. vertical resampling + jitter ops before contrast (+ the rest when no contrast)
-    const int T = ws.rows.count;
-    for_rows(par, S, [&](int64_t a, int64_t e) {
-      for (int64_t y = a; y < e; ++y) {
-        float *r = R + y * S, *g = G + y * S, *b = B + y * S;
-        const float* base = ws.htmp.data() + static_cast<size_t>(ws.rows.start[y] - y_lo) * 3 * S;
-        const float* w = ws.rows.w.data() + y * T;
-        combine_rows(base, 3 * S, w, T, in_scale, S, r);
-        combine_rows(base + S, 3 * S, w, T, in_scale, S, g);
-        combine_rows(base + 2 * S, 3 * S, w, T, in_scale, S, b);
-        for (int k = 0; k < v.plan.n_pre; ++k) jitter_row(v.plan.pre[k], r, g, b, S, v);
-        if (v.plan.contrast) {
-          ws.rowsum[y] = gray_sum_row(r, g, b, S);
-        } else {
-          if (v.grayscale) grayscale_row(r, g, b, S);
-          if (finish_early) store(v, n, y, r, g, b);
-        }
-      }
-    });
-
-    // 3. contrast (image mean of the gray values), remaining jitter ops, grayscale
-    if (v.plan.contrast) {
-      double total = 0.0;
-      for (int64_t y = 0; y < S; ++y) total += ws.rowsum[y];
-      const float mean = static_cast<float>(total / static_cast<double>(S * S));
-      for_rows(par, S, [&](int64_t a, int64_t e) {
-        for (int64_t y = a; y < e; ++y) {
-          float *r = R + y * S, *g = G + y * S, *b = B + y * S;
-          contrast_row(r, g, b, S, v.con, mean);
-          for (int k = 0; k < v.plan.n_post; ++k) jitter_row(v.plan.post[k], r, g, b, S, v);
-          if (v.grayscale) grayscale_row(r, g, b, S);
-          if (finish_early) store(v, n, y, r, g, b);
-        }
-      });
-    }
-    if (!blur) return;
-
-    // 4. separable gaussian blur (reflect padding), solarize, normalize, store
-    const int K = static_cast<int>(cfg.K), rad = K / 2;
-    gaussian_weights(K, v.sigma, ws.gauss.data());
-    const float* gw = ws.gauss.data();
-    float* BR = ws.blur.data();
-    for_rows(par, 3 * S, [&](int64_t a, int64_t e) {
-      std::vector<float> pad(S + 2 * rad);
-      for (int64_t i = a; i < e; ++i) {  // row i of the (3 S, S) stack of planes
-        const float* in = R + i * S;
-        for (int64_t x = 0; x < S + 2 * rad; ++x) pad[x] = in[reflect(static_cast<int>(x - rad), static_cast<int>(S))];
-        blur_row(pad.data(), gw, K, S, BR + i * S);
-      }
-    });
-    for_rows(par, S, [&](int64_t a, int64_t e) {
-      std::vector<float> acc(3 * S);
-      std::vector<const float*> rows_at(K);
-      for (int64_t y = a; y < e; ++y) {
-        for (int c = 0; c < 3; ++c) {
-          float* o = acc.data() + c * S;
-          for (int64_t x = 0; x < S; ++x) o[x] = 0.0f;
-          for (int j = 0; j < K; ++j) {
-            const float* s = BR + c * plane + reflect(static_cast<int>(y + j - rad), static_cast<int>(S)) * S;
-            const float wj = gw[j];
-#pragma omp simd
-            for (int64_t x = 0; x < S; ++x) o[x] += wj * s[x];
-          }
-        }
-        store(v, n, y, acc.data(), acc.data() + S, acc.data() + 2 * S);
-      }
-    });
-  }
-};
 
 View make_view(int64_t n, int64_t B, const int64_t* crop, const bool* flip, const bool* jitter, const float* bri,
                const float* con, const float* sat, const float* hue_f, const int64_t* order, const bool* gray,
@@ -372,32 +181,32 @@ void run(const Config& cfg, const at::Tensor& images, const Params& p, at::Tenso
                          order.data_ptr<int64_t>(), gray.data_ptr<bool>(), sigma.data_ptr<float>(),
                          sol.data_ptr<bool>());
   }
-  Runner<in_t, out_t> runner{cfg,
-                             images.data_ptr<in_t>(),
-                             images.stride(0),
-                             images.stride(1),
-                             images.stride(2),
-                             images.stride(3),
-                             out.data_ptr<out_t>(),
-                             out.stride(0),
-                             out.stride(1),
-                             out.stride(2),
-                             out.stride(3),
-                             std::is_same<in_t, uint8_t>::value ? 1.0f / 255.0f : 1.0f};
-  const int64_t N = cfg.N, B = cfg.B, V = N / B;
-  if (N >= at::get_num_threads()) {
-    // Views in parallel; task t is view t % V of image t / V (an image's views together).
-    at::parallel_for(0, N, 1, [&](int64_t a, int64_t e) {
+  auto run_views = [&](auto runner) {
+    const int64_t N = cfg.N, B = cfg.B, V = N / B;
+    if (N >= at::get_num_threads()) {
+      // Views in parallel; task t is view t % V of image t / V (an image's views together).
+      at::parallel_for(0, N, 1, [&](int64_t a, int64_t e) {
+        Workspace ws(cfg);
+        for (int64_t t = a; t < e; ++t) {
+          const int64_t n = (t % V) * B + t / V;
+          runner.view(views[n], n, ws, false);
+        }
+      });
+    } else {
       Workspace ws(cfg);
-      for (int64_t t = a; t < e; ++t) {
-        const int64_t n = (t % V) * B + t / V;
-        runner.view(views[n], n, ws, false);
-      }
-    });
-  } else {
-    Workspace ws(cfg);
-    for (int64_t n = 0; n < N; ++n) runner.view(views[n], n, ws, true);
+      for (int64_t n = 0; n < N; ++n) runner.view(views[n], n, ws, true);
+    }
+  };
+  const Strides st{images.stride(0), images.stride(1), images.stride(2), images.stride(3),
+                   out.stride(0),    out.stride(1),    out.stride(2),    out.stride(3)};
+  const float in_scale = std::is_same<in_t, uint8_t>::value ? 1.0f / 255.0f : 1.0f;
+#if SSLOPS_AUGMENT_AVX2
+  if (use_avx2()) {
+    run_views(avx2::Runner<in_t, out_t>{cfg, images.data_ptr<in_t>(), out.data_ptr<out_t>(), st, in_scale});
+    return;
   }
+#endif
+  run_views(base::Runner<in_t, out_t>{cfg, images.data_ptr<in_t>(), out.data_ptr<out_t>(), st, in_scale});
 }
 
 template <typename out_t>
