@@ -8,7 +8,7 @@
 //                    crop (rows, and columns with the flip folded in) and its
 //                    gaussian weights, into a small workspace
 //                    (N x 2 x size x taps floats + N x kernel_size).
-//   contrast_kernel  <<<(bands, N), 256>>> only for views whose jitter has a
+//   contrast_kernel  <<<(N, bands), 256>>> only for views whose jitter has a
 //                    contrast factor != 1: contrast blends with the mean gray
 //                    value of the image *after the ops that precede it* in the
 //                    view's order.  Each block recomputes kBandRows rows of
@@ -17,7 +17,7 @@
 //                    writes one partial sum of gray(r, g, b) per (view, band);
 //                    the main kernel sums a view's partials in a fixed order:
 //                    deterministic, no atomics, no fp32 intermediate image.
-//   main_kernel      <<<(tiles_x, tiles_y, N), 256>>> one 32 x 32 output tile
+//   main_kernel      <<<(N, tiles), 256>>> one 32 x 32 output tile
 //                    of one view per block.  Without blur, each thread computes
 //                    its pixels start to end (resample, flip, jitter, grayscale,
 //                    solarize, normalize) and stores them.  With blur, the block
@@ -201,8 +201,8 @@ __device__ __forceinline__ void store_pixel(const Args& a, out_t* __restrict__ o
 // ---- 2. contrast means ----
 template <typename in_t>
 __global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
-  const int64_t n = blockIdx.y;
-  const int band = blockIdx.x;
+  const int64_t n = blockIdx.x;
+  const int band = blockIdx.y;
   const JitterPlan plan = view_plan(a, n);
   __shared__ float warp_sums[kThreads / 32];
   float acc = 0.0f;
@@ -234,9 +234,10 @@ __global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
 template <typename in_t, typename out_t>
 __global__ void main_kernel(Args a, const in_t* __restrict__ src, out_t* __restrict__ out) {
   extern __shared__ float smem[];
-  const int64_t n = blockIdx.z;
-  const int oy0 = blockIdx.y * kTile, ox0 = blockIdx.x * kTile;
+  const int64_t n = blockIdx.x;
   const int S = a.S;
+  const int tiles_x = (S + kTile - 1) / kTile;
+  const int oy0 = (blockIdx.y / tiles_x) * kTile, ox0 = (blockIdx.y % tiles_x) * kTile;
   const Crop c = view_crop(a, n);
   const JitterPlan plan = view_plan(a, n);
   const bool to_gray = a.gray[n], sol = a.sol[n];
@@ -313,15 +314,15 @@ void launch(const Args& a, int64_t N, const at::Tensor& images, at::Tensor& out,
   out_t* dst = out.data_ptr<out_t>();
   prep_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  contrast_kernel<in_t><<<dim3(a.bands, static_cast<unsigned>(N)), kThreads, 0, stream>>>(a, src);
+  contrast_kernel<in_t><<<dim3(static_cast<unsigned>(N), a.bands), kThreads, 0, stream>>>(a, src);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem = blur_smem_bytes(a.K);
   auto kernel = main_kernel<in_t, out_t>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const unsigned tiles = static_cast<unsigned>(ceil_div(a.S, kTile));
-  kernel<<<dim3(tiles, tiles, static_cast<unsigned>(N)), kThreads, smem, stream>>>(a, src, dst);
+  const unsigned tiles = static_cast<unsigned>(ceil_div(a.S, kTile) * ceil_div(a.S, kTile));
+  kernel<<<dim3(static_cast<unsigned>(N), tiles), kThreads, smem, stream>>>(a, src, dst);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -358,8 +359,9 @@ at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& crop, const 
   auto out = new_views(cfg, images);
   const int64_t N = cfg.N;
   if (N == 0) return out;
-  TORCH_CHECK(cfg.S <= (1 << 20) && cfg.H < (int64_t(1) << 30) && cfg.W < (int64_t(1) << 30), op,
-              ": sizes too large for the CUDA kernel");
+  TORCH_CHECK(cfg.S <= 8192 && cfg.N < (int64_t(1) << 31) && cfg.H < (int64_t(1) << 30) &&
+                  cfg.W < (int64_t(1) << 30),
+              op, ": sizes too large for the CUDA kernel (size <= 8192)");
   const size_t smem = blur_smem_bytes(static_cast<int>(cfg.K));
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, op, ": kernel_size ", cfg.K,

@@ -51,9 +51,14 @@ intermediate:
 *CPU.*  Views in parallel (the V views of an image back to back, so the
 source is read from memory once), or rows in parallel when there are fewer
 views than threads; a view is resampled into a per-thread fp32 buffer that
-stays in L2, and every colour op, the blur passes and the store are
-vectorised loops over rows.  The contrast mean is a per-row partial sum
-accumulated in the pass that applies the preceding ops.
+stays in L2, and every colour op, the blur passes (symmetric taps) and the
+store are vectorised loops over rows, compiled twice (baseline and AVX2/FMA,
+picked at run time; ``SSLOPS_CPU_ISA=base`` forces the baseline).  The
+contrast mean is a per-row partial sum accumulated in the pass that applies
+the preceding ops, summed in row order (deterministic).
+
+CUDA limits: the blur's shared-memory tile needs kernel_size // 2 <= ~46 on
+an H100/H200 (227 KB per block); larger kernels raise a clear error.
 """
 from __future__ import annotations
 
