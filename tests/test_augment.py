@@ -535,3 +535,15 @@ def test_cpu_isa_paths(monkeypatch, isa):
     p.jitter[:] = True
     p.blur_sigma[::2] = 1.5
     assert_close(run(x, p, 29, "cpu"), oracle(x, p, 29))
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sslviews_every_backend(backend):
+    """V views in one call (N = V * B parameter rows) against torchvision, per backend."""
+    x = rand_images(3, 30, 26, seed=19)
+    views = A.SSLViews("byol", size=16, views=2, generator=torch.Generator().manual_seed(0), backend=backend,
+                       mean=ZERO, std=ONE)
+    ps = views.sample(x)
+    outs = views(x, ps)
+    for v in range(2):
+        assert_close(outs[v].float(), oracle(x, ps[v], 16))

@@ -237,17 +237,9 @@ def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, cha
         return _empty_views(images, 0, size, out_dtype, channels_last)
     if be == "reference":
         return reference.augment(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last)
-    if be == "triton":
-        batch = images.shape[0]
-        outs = [
-            augment_triton(images, *params[v * batch:(v + 1) * batch].tensors(), size, kernel_size, antialias,
-                           list(mean), list(std), out_dtype, channels_last)
-            for v in range(len(params) // max(batch, 1))
-        ]
-        if len(outs) == 1:
-            return outs[0]
-        out = torch.cat(outs)
-        return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+    if be == "triton":  # one launch for all N = V * B views, like the compiled op
+        return augment_triton(images, *params.tensors(), size, kernel_size, antialias, list(mean), list(std),
+                              out_dtype, channels_last)
     return torch.ops.sslops.augment(images, *params.tensors(), size, kernel_size, antialias, list(mean), list(std),
                                     out_dtype, channels_last)
 
