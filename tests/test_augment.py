@@ -547,3 +547,12 @@ def test_sslviews_every_backend(backend):
     outs = views(x, ps)
     for v in range(2):
         assert_close(outs[v].float(), oracle(x, ps[v], 16))
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend not runnable here")
+def test_opcheck_triton_custom_op():
+    x = rand_images(2, 12, 14)
+    p = A.sample_params(2, (12, 14), generator=torch.Generator().manual_seed(0))
+    p.blur_sigma[:] = 0.8
+    torch.library.opcheck(torch.ops.sslops.augment_triton.default,
+                          (x, *p.tensors(), 8, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False))
