@@ -556,3 +556,19 @@ def test_opcheck_triton_custom_op():
     p.blur_sigma[:] = 0.8
     torch.library.opcheck(torch.ops.sslops.augment_triton.default,
                           (x, *p.tensors(), 8, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False))
+
+
+def test_preview_grid(tmp_path):
+    from sslops.augment import preview
+
+    img = rand_images(1, 40, 60)[0]
+    grid = preview.make_grid(img, ["simclr", "byol"], views=3, size=16, backend="cpu", pad=2)
+    assert grid.shape == (3 * 18 + 2, 4 * 18 + 2, 3) and grid.dtype.name == "uint8"
+    pytest.importorskip("PIL")
+    from PIL import Image
+
+    path = tmp_path / "img.png"
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
+    assert preview.main([str(path), "-o", str(tmp_path / "v.png"), "--views", "2", "--size", "12",
+                         "--backend", "cpu"]) == 0
+    assert Image.open(tmp_path / "v.png").size == (3 * 16 + 4, 3 * 16 + 4)

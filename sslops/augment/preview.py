@@ -36,7 +36,7 @@ def load_image(path: Optional[str], sample: str = "astronaut") -> torch.Tensor:
         arr = np.asarray(Image.open(path).convert("RGB"))
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
-    return torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(arr[..., :3], copy=True)).permute(2, 0, 1).contiguous()
 
 
 def _to_uint8(views: torch.Tensor) -> np.ndarray:
