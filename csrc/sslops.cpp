@@ -74,6 +74,16 @@ TORCH_LIBRARY(sslops, m) {
       "-> (Tensor, Tensor)");
 
   // ---- augment (csrc/cpu/augment.cpp, csrc/cuda/augment.cu) ----
+  // N = V * B per-view parameters (row n cuts image n % B; see sslops/augment):
+  // resized crop + flip + colour jitter in a per-view order + grayscale +
+  // gaussian blur + solarize + normalize, fused.  images: uint8 (0..255) or
+  // floating (0..1) (B, 3, H, W), any strides.  Returns (N, 3, size, size) in
+  // out_dtype (float32/float16/bfloat16), channels_last strides if asked.
+  m.def(
+      "augment(Tensor images, Tensor crop, Tensor flip, Tensor jitter, Tensor brightness, Tensor contrast, "
+      "Tensor saturation, Tensor hue, Tensor order, Tensor grayscale, Tensor blur_sigma, Tensor solarize, "
+      "int size, int kernel_size, bool antialias, float[] mean, float[] std, ScalarType out_dtype, "
+      "bool channels_last) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sslops, CompositeExplicitAutograd, m) {

@@ -6,6 +6,8 @@ see :func:`sslops.backends` for what this install can run.
 from ._backend import BACKENDS, backends, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from .masking import block_masking, gather_tokens, random_masking, restore_tokens
+from . import augment
+from .augment import AugmentParams, SSLViews, sample_params
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,8 @@ __all__ = [
     "gather_tokens",
     "restore_tokens",
     "block_masking",
+    "augment",
+    "AugmentParams",
+    "SSLViews",
+    "sample_params",
 ]

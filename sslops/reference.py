@@ -128,3 +128,60 @@ def restore_tokens(x_visible, ids_restore, mask_token, num_prefix_tokens=0):
     x_ = torch.cat([x_visible[:, P:], mask_tokens], dim=1)
     x_ = torch.gather(x_, 1, ids_restore.long().unsqueeze(-1).expand(-1, -1, D))
     return torch.cat([x_visible[:, :P], x_], dim=1)
+
+
+# ----------------------------------------------------------------------------
+# augment: per-sample torchvision.transforms.v2.functional calls
+# ----------------------------------------------------------------------------
+def _tv_functional():
+    try:
+        from torchvision.transforms.v2 import functional as TF
+        from torchvision.transforms.v2 import InterpolationMode
+    except ImportError as exc:
+        raise ImportError(
+            "the reference backend of sslops.augment calls torchvision.transforms.v2.functional, "
+            "but torchvision is not importable; install it (pip install torchvision) or pick another backend"
+        ) from exc
+    return TF, InterpolationMode
+
+
+def augment(images, params, size, kernel_size, antialias, mean, std, out_dtype=torch.float32,
+            channels_last=False):
+    """The augmentation pipeline, one view at a time with torchvision's v2
+    functional ops on the float image x / 255 (floating images as they are):
+
+    resized_crop(bilinear, antialias) -> horizontal_flip if flip -> when jitter,
+    adjust_brightness/contrast/saturation/hue in the view's order ->
+    rgb_to_grayscale(3 channels) if grayscale -> gaussian_blur([k, k], [s, s])
+    if sigma > 0 -> solarize(0.5) if solarize -> normalize(mean, std).
+
+    images: (B, 3, H, W); params: an AugmentParams with N = V * B rows, row n
+    cutting image n % B.  Returns (N, 3, size, size) in out_dtype.
+    """
+    TF, Mode = _tv_functional()
+    n_views, batch = len(params), images.shape[0]
+    fields = [t.tolist() for t in params.tensors()]
+    crop, flip, jitter, bri, con, sat, hue, order, gray, sigma, sol = fields
+    jitter_ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    outs = []
+    for n in range(n_views):
+        x = images[n % batch]
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        top, left, h, w = crop[n]
+        x = TF.resized_crop(x, top, left, h, w, [size, size], interpolation=Mode.BILINEAR, antialias=antialias)
+        if flip[n]:
+            x = TF.horizontal_flip(x)
+        if jitter[n]:
+            factors = (bri[n], con[n], sat[n], hue[n])
+            for op in order[n]:
+                x = jitter_ops[op](x, factors[op])
+        if gray[n]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if sigma[n] > 0:
+            x = TF.gaussian_blur(x, [kernel_size, kernel_size], [sigma[n], sigma[n]])
+        if sol[n]:
+            x = TF.solarize(x, 0.5)
+        x = TF.normalize(x, list(mean), list(std))
+        outs.append(x.to(out_dtype))
+    out = torch.stack(outs) if outs else images.new_empty((0, 3, size, size), dtype=out_dtype)
+    return out.contiguous(memory_format=torch.channels_last) if channels_last else out
