@@ -45,7 +45,6 @@ def _cuda_requested():
         raise RuntimeError(f"SSLOPS_CUDA must be auto, 0 or 1, got {flag!r}")
     if flag == "0":
         return False
-    _ensure_cuda_home()
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
@@ -98,6 +97,7 @@ def extensions():
 
 
 def main():
+    _ensure_cuda_home()  # before torch.utils.cpp_extension computes its CUDA_HOME
     from torch.utils.cpp_extension import BuildExtension
 
     setup(
