@@ -20,11 +20,7 @@ import pytest
 pytest.importorskip("triton")
 tvF = pytest.importorskip("torchvision.transforms.v2.functional")
 
-try:
-    from sslops.triton_kernels import augment
-except Exception:  # package not built/installed: import from the source tree
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import triton_kernels.augment as augment
+from sslops.triton_kernels import augment  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEV = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
