@@ -5,7 +5,6 @@ Without a GPU the kernels run in the Triton interpreter (fp32/fp16 only), so ima
 small (8-40 px).  With a GPU the same tests run compiled, plus bf16 outputs.
 """
 import itertools
-import math
 import os
 import sys
 

@@ -4,7 +4,6 @@ Gathers are copies, so values are compared bit for bit (torch.equal), against
 both the op-dtype reference and a float64 transcription.  The Triton kernels
 run in the interpreter without a GPU (fp32, small shapes).
 """
-import math
 
 import pytest
 import torch
