@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import gc
 import os
 
 import pytest
@@ -39,6 +41,13 @@ def peak_memory(device):
         torch.cuda.synchronize()
         out["mb"] = (torch.cuda.max_memory_allocated() - before) / 2**20
         return
+    # Give freed heap pages back to the OS first, so that memory the block
+    # allocates shows up as new resident pages instead of reusing warm ones.
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
