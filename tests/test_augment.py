@@ -188,7 +188,7 @@ def test_imagenet_normalisation(backend):
 @pytest.mark.parametrize("fmt", ["uint8_channels_last", "float32", "float64", "float16", "uint8_sliced"])
 def test_input_formats(backend, fmt):
     if backend == "triton" and fmt in ("float64", "uint8_sliced"):
-        pytest.skip("interpreter time: covered by the cpu backend and tests/test_triton_augment_kernels.py")
+        pytest.skip("interpreter time: covered by the cpu backend and tests/test_augment_triton.py")
     base = rand_images(3, 33, 27, seed=8)
     if fmt == "uint8_channels_last":
         x = base.contiguous(memory_format=torch.channels_last)
