@@ -37,6 +37,16 @@ def positive_finite(value, name: str) -> float:
     return value
 
 
+def integer(value, name: str, lo: int = 0, hi: int | None = None) -> int:
+    """A Python int (or a SymInt under torch.compile) in [lo, hi]."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
 def choice(value, name: str, options) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")

@@ -197,15 +197,6 @@ def _restore(x_visible, ids_restore, mask_token, num_prefix_tokens, backend):
 # ----------------------------------------------------------------------------
 # Argument checks
 # ----------------------------------------------------------------------------
-def _int_arg(value, name: str, lo: int = 0, hi: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < lo or (hi is not None and value > hi):
-        bound = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
 def _ratio(value, name: str = "mask_ratio") -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -244,7 +235,7 @@ def _check_tokens(x, name: str) -> Tensor:
 def _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens, check_range: bool = True) -> None:
     _check_tokens(x, "x")
     B, L, D = x.shape
-    _int_arg(num_prefix_tokens, "num_prefix_tokens", 0, L)
+    _checks.integer(num_prefix_tokens, "num_prefix_tokens", 0, L)
     _index(ids_keep, "ids_keep", B, x, "x")
     if pos_embed is not None:
         _checks.tensor(pos_embed, "pos_embed", ndim=3, floating=True)
@@ -323,7 +314,7 @@ def random_masking(
     _check_tokens(x, "x")
     mask_ratio = _ratio(mask_ratio)
     B, L, D = x.shape
-    _int_arg(num_prefix_tokens, "num_prefix_tokens", 0, L)
+    _checks.integer(num_prefix_tokens, "num_prefix_tokens", 0, L)
     N = L - num_prefix_tokens
     if noise is None:
         if generator is not None and generator.device != x.device:
@@ -373,7 +364,7 @@ def restore_tokens(
     """
     _check_tokens(x_visible, "x_visible")
     B, R, D = x_visible.shape
-    _int_arg(num_prefix_tokens, "num_prefix_tokens", 0, R)
+    _checks.integer(num_prefix_tokens, "num_prefix_tokens", 0, R)
     _index(ids_restore, "ids_restore", B, x_visible, "x_visible")
     N, K = ids_restore.shape[1], R - num_prefix_tokens
     if K > N:
@@ -535,7 +526,7 @@ def block_masking(
         device: where the indices are made (default: the generator's device,
             else CPU).
     """
-    _int_arg(batch, "batch", 0)
+    _checks.integer(batch, "batch", 0)
     try:
         H, W = (int(g) for g in grid)
     except (TypeError, ValueError):
@@ -550,7 +541,7 @@ def block_masking(
         raise ValueError(f"generator is on {generator.device} but device is {device}")
     if kind == "data2vec":
         mask_ratio = _ratio(0.8 if mask_ratio is None else mask_ratio)
-        _int_arg(mask_length, "mask_length", 1)
+        _checks.integer(mask_length, "mask_length", 1)
         if isinstance(mask_prob_adjust, bool) or not isinstance(mask_prob_adjust, numbers.Real) \
                 or not 0 <= mask_prob_adjust < 1:
             raise ValueError(f"mask_prob_adjust must be a number in [0, 1), got {mask_prob_adjust!r}")
@@ -565,8 +556,8 @@ def block_masking(
     pred_scale = _pair(pred_scale, "pred_scale", 0.0, 1.0)
     enc_scale = _pair(enc_scale, "enc_scale", 0.0, 1.0)
     aspect_ratio = _pair(aspect_ratio, "aspect_ratio", 1e-3, 1e3)
-    _int_arg(num_pred, "num_pred", 1)
-    _int_arg(min_keep, "min_keep", 0)
+    _checks.integer(num_pred, "num_pred", 1)
+    _checks.integer(min_keep, "min_keep", 0)
     ids_keep, ids_targets = _ijepa_keep(batch, H, W, pred_scale, enc_scale, aspect_ratio, num_pred, min_keep,
                                         20, generator, device)
     return (ids_keep, ids_targets) if return_targets else ids_keep

@@ -70,10 +70,10 @@ from typing import List, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .. import _backend, reference
+from .. import _backend, _checks, reference
 from .params import (
     BRIGHTNESS, CONTRAST, HUE, IMAGENET_MEAN, IMAGENET_STD, RECIPES, SATURATION, AugmentParams, Recipe,
-    _image_size, sample_crops, sample_params,
+    sample_crops, sample_params,
 )
 
 __all__ = [
@@ -167,14 +167,6 @@ def _check_images(images) -> None:
         raise ValueError(f"images must have H, W >= 1, got shape {tuple(images.shape)}")
 
 
-def _check_int(value, name: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _check_triple(values, name: str, nonzero: bool = False) -> tuple:
     if isinstance(values, torch.Tensor):
         values = values.tolist()
@@ -195,10 +187,10 @@ def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dty
     _check_images(images)
     if not isinstance(params, AugmentParams):
         raise TypeError(f"params must be an AugmentParams, got {type(params).__name__}")
-    size = _check_int(size, "size")
+    size = _checks.integer(size, "size", 1)
     if kernel_size is None:
         kernel_size = default_kernel_size(size)
-    kernel_size = _check_int(kernel_size, "kernel_size")
+    kernel_size = _checks.integer(kernel_size, "kernel_size", 1)
     if kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be odd, got {kernel_size}")
     if kernel_size // 2 >= size:
@@ -295,10 +287,10 @@ class SSLViews(torch.nn.Module):
         if not isinstance(recipe, (str, Recipe)):
             raise TypeError(f"recipe must be a str or a Recipe, got {type(recipe).__name__}")
         self.recipe = recipe
-        self.size = _check_int(size, "size")
-        self.views = _check_int(views, "views")
-        self.kernel_size = default_kernel_size(self.size) if kernel_size is None else _check_int(kernel_size,
-                                                                                                  "kernel_size")
+        self.size = _checks.integer(size, "size", 1)
+        self.views = _checks.integer(views, "views", 1)
+        self.kernel_size = default_kernel_size(self.size) if kernel_size is None else _checks.integer(kernel_size,
+                                                                                                  "kernel_size", 1)
         self.antialias = antialias
         self.mean = _check_triple(mean, "mean")
         self.std = _check_triple(std, "std", nonzero=True)
