@@ -12,13 +12,17 @@ Backends, in the order ``auto`` prefers them:
 environment variable ``SSLOPS_BACKEND``; an explicit ``backend=`` argument wins
 over the variable.  A backend that was asked for by name and cannot run the
 call raises ``ValueError`` naming it: nothing silently falls back.
+
+Backends may compute only some dtypes (``register_op(..., dtypes=...)``): with
+a ``dtype``, :func:`backends` lists only the backends that compute it
+correctly, ``auto`` skips the others, and asking for one by name raises.
 """
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import os
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,16 +44,54 @@ class OpInfo:
     compiled: Tuple[str, ...]
     triton: bool
     prefer: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
+    # backend -> the dtypes it computes correctly; a backend not listed takes any dtype
+    dtypes: Mapping[str, Tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
 
 
 _OPS: Dict[str, OpInfo] = {}
 
+# numpy, which runs Triton's interpreter, has no bfloat16
+_INTERPRETER_DTYPES = (torch.float32, torch.float16)
 
-def register_op(name: str, compiled: Sequence[str], triton: bool, prefer: Sequence[str] | None = None) -> None:
+
+def register_op(
+    name: str,
+    compiled: Sequence[str],
+    triton: bool,
+    prefer: Sequence[str] | None = None,
+    dtypes: Mapping[str, Sequence[torch.dtype]] | None = None,
+) -> None:
+    """Declare an op: the compiled ``sslops::`` ops it calls, whether it has a
+    Triton path, the order ``auto`` prefers, and per backend the dtypes that
+    backend computes correctly (backends left out take any dtype)."""
     info = OpInfo(tuple(compiled), triton)
     if prefer is not None:
         info = dataclasses.replace(info, prefer=tuple(prefer))
+    if dtypes:
+        unknown = set(dtypes) - set(BACKENDS[1:])
+        if unknown:
+            raise ValueError(f"register_op({name!r}): unknown backends in dtypes: {sorted(unknown)}")
+        info = dataclasses.replace(info, dtypes={k: tuple(v) for k, v in dtypes.items()})
     _OPS[name] = info
+
+
+def supported_dtypes(op: str, backend: str, device="cpu") -> Optional[Tuple[torch.dtype, ...]]:
+    """The dtypes ``backend`` computes for ``op`` on ``device`` (None: any)."""
+    info = _op_info(op)
+    allowed = info.dtypes.get(backend)
+    if backend == "triton" and torch.device(device).type == "cpu":
+        allowed = tuple(d for d in (allowed or _INTERPRETER_DTYPES) if d in _INTERPRETER_DTYPES)
+    return allowed
+
+
+def _op_info(op: str) -> OpInfo:
+    if op not in _OPS:
+        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
+    return _OPS[op]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def compiled_available() -> bool:
@@ -75,15 +117,15 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backends(op: str, device="cpu") -> list[str]:
-    """Backends that can run ``op`` on tensors on ``device`` in this install.
+def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None) -> list[str]:
+    """Backends that can run ``op`` on tensors on ``device`` in this install,
+    in the order ``auto`` prefers them; with ``dtype``, only those that compute
+    that dtype correctly.
 
     >>> sslops.backends("nt_xent", "cpu")
     ['cpu', 'reference']
     """
-    if op not in _OPS:
-        raise ValueError(f"unknown op {op!r}; known ops: {sorted(_OPS)}")
-    info = _OPS[op]
+    info = _op_info(op)
     dev = torch.device(device)
     found = []
     for name in info.prefer:
@@ -97,17 +139,21 @@ def backends(op: str, device="cpu") -> list[str]:
             ok = info.triton and triton_importable() and (
                 (dev.type == "cuda" and torch.cuda.is_available()) or (dev.type == "cpu" and triton_interpret())
             )
+        if ok and dtype is not None:
+            allowed = supported_dtypes(op, name, dev)
+            ok = allowed is None or dtype in allowed
         if ok:
             found.append(name)
     return found
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs ``op`` for tensors on ``device``.
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` (of ``dtype``).
 
     ``backend`` is the caller's argument; ``"auto"`` consults ``SSLOPS_BACKEND``
-    and then picks the first usable backend in the op's preference order.
+    and then picks the first usable backend in the op's preference order that
+    computes ``dtype``.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -117,7 +163,7 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         if env not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
         backend, source = env, ENV_VAR
-    usable = backends(op, device)
+    usable = backends(op, device, dtype)
     if backend == "auto":
         for name in usable:
             if name == "triton" and torch.device(device).type == "cpu":
@@ -130,8 +176,11 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
             why = f" (sslops._C failed to import: {_C_ERROR})"
         elif backend == "cuda" and torch.device(device).type == "cuda" and not cuda_built():
             why = " (this install was built without CUDA kernels; reinstall with SSLOPS_CUDA=1)"
+        elif dtype is not None and backend in backends(op, device):
+            allowed = supported_dtypes(op, backend, device) or ()
+            why = f" (it computes {', '.join(map(_dtype_name, allowed))}; got {_dtype_name(dtype)})"
+        what = f"{torch.device(device)} tensors" if dtype is None else f"{_dtype_name(dtype)} tensors on {torch.device(device)}"
         raise ValueError(
-            f"{source}={backend!r} cannot run {op} on {torch.device(device)} tensors{why}; "
-            f"usable backends here: {usable}"
+            f"{source}={backend!r} cannot run {op} on {what}{why}; usable backends here: {usable}"
         )
     return backend

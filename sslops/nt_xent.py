@@ -17,12 +17,14 @@ from torch import Tensor
 from . import _backend, _checks, reference
 from ._distributed import gather_with_grad, rank_and_world
 
+# The Triton kernels keep fp32 state and use fp32/fp16/bf16 tl.dot: no float64.
+_TRITON_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16)}
 _backend.register_op(
     "nt_xent", compiled=("nt_xent_lse", "nt_xent_lse_sym", "nt_xent_lse_backward", "nt_xent_lse_backward_sym"),
-    triton=True,
+    triton=True, dtypes=_TRITON_DTYPES,
 )
 _backend.register_op(
-    "info_nce", compiled=("nt_xent_lse", "nt_xent_lse_backward"), triton=True,
+    "info_nce", compiled=("nt_xent_lse", "nt_xent_lse_backward"), triton=True, dtypes=_TRITON_DTYPES,
 )
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -235,7 +237,7 @@ def nt_xent(
     _embeddings(z1, "z1", z2, "z2")
     inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
     _checks.choice(reduction, "reduction", REDUCTIONS)
-    be = _backend.resolve("nt_xent", backend, z1.device)
+    be = _backend.resolve("nt_xent", backend, z1.device, z1.dtype)
     out_dtype = z1.dtype
     if normalize:
         z1, z2 = _normalize(z1), _normalize(z2)
@@ -289,7 +291,7 @@ def info_nce(
             )
         if negatives.shape[0] == 0:
             raise ValueError("negatives is empty: pass None for in-batch negatives, or at least one row")
-    be = _backend.resolve("info_nce", backend, query.device)
+    be = _backend.resolve("info_nce", backend, query.device, query.dtype)
     out_dtype = query.dtype
     if normalize:
         query, key = _normalize(query), _normalize(key)

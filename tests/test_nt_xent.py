@@ -431,3 +431,18 @@ def test_gather_distributed_two_gloo_processes(backend, tmp_path):
         torch.testing.assert_close(r["g2"] / world, z2_all.grad[rows])
         losses.append(r["loss"])
     torch.testing.assert_close(torch.stack(losses).mean(), full.mean().detach())
+
+
+def test_backends_reflect_dtype_limits():
+    # The Triton kernels keep fp32 state and use fp32/fp16/bf16 dot products:
+    # float64 never goes to them, and the interpreter (numpy) has no bfloat16.
+    assert "triton" not in sslops.backends("nt_xent", "cpu", torch.float64)
+    assert "triton" not in sslops.backends("info_nce", "cpu", torch.bfloat16)
+    assert sslops.backends("nt_xent", "cpu", torch.float64)[-1] == "reference"
+    if "triton" in sslops.backends("nt_xent", "cpu"):
+        z = torch.randn(5, 8, dtype=torch.float64)
+        for dtype in (torch.float64, torch.bfloat16):
+            with pytest.raises(ValueError, match=str(dtype).replace("torch.", "")):
+                sslops.nt_xent(z.to(dtype), z.to(dtype), backend="triton")
+            with pytest.raises(ValueError, match="triton"):
+                sslops.info_nce(z.to(dtype), z.to(dtype), backend="triton")
