@@ -2,14 +2,19 @@
 // Kernels are registered per device in csrc/cpu/*.cpp (CPU) and
 // csrc/cuda/*.cu (CUDA); fake (meta) kernels and autograd are registered in
 // Python (sslops/<op>.py).  A CPU-only build simply lacks the CUDA kernels.
+// The CUDA emulator compiles this file again with SSLOPS_NS=sslops_emu
+// (common/library.h): the same schemas, defined once, in its own namespace.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "common/library.h"
 
 #ifndef SSLOPS_WITH_CUDA
 #define SSLOPS_WITH_CUDA 0
 #endif
 
+#ifndef SSLOPS_EMU
 extern "C" {
 // `import sslops._C` loads this shared object, which runs the static
 // registrations below; the module itself is empty.
@@ -18,6 +23,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace sslops {
 static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
@@ -27,14 +33,14 @@ static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
 // op of its own so that its autograd can use nt_xent_lse_backward_sym.
 static at::Tensor nt_xent_lse_sym(const at::Tensor& z, double inv_temp) {
   TORCH_CHECK(z.dim() == 2, "sslops::nt_xent_lse_sym: z must be 2-D (M, D), got shape ", z.sizes());
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sslops::nt_xent_lse", "").typed<
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(SSLOPS_QUALIFIED("nt_xent_lse"), "").typed<
       at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is this op's, not nt_xent_lse's
   return op.call(z, z, at::arange(z.size(0), z.options().dtype(at::kLong)), inv_temp);
 }
 }  // namespace sslops
 
-TORCH_LIBRARY(sslops, m) {
+SSLOPS_LIBRARY(m) {
   // Whether this build compiled the CUDA kernels.
   m.def("_cuda_built() -> bool", &sslops::cuda_built);
 
@@ -86,6 +92,6 @@ TORCH_LIBRARY(sslops, m) {
       "bool channels_last) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(sslops, CompositeExplicitAutograd, m) {
+SSLOPS_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("nt_xent_lse_sym", &sslops::nt_xent_lse_sym);
 }
