@@ -7,6 +7,11 @@ Backends, in the order ``auto`` prefers them:
                   ``TRITON_INTERPRET=1``, which ``auto`` never picks)
 * ``cpu``       - the C++ CPU kernels of ``sslops._C`` (CPU tensors)
 * ``reference`` - plain PyTorch (``sslops.reference``), always available
+* ``emu``       - the CUDA kernels of csrc/cuda compiled for the CPU against the
+                  emulator of the CUDA execution model (csrc/emu), on CPU
+                  tensors; a test vehicle, usable only after
+                  ``sslops._emu.load()`` (the ``emu`` tests do it) and never
+                  picked by ``auto``
 
 ``backend="auto"`` (the default of every op) can be overridden with the
 environment variable ``SSLOPS_BACKEND``; an explicit ``backend=`` argument wins
@@ -26,8 +31,9 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference", "emu")
 ENV_VAR = "SSLOPS_BACKEND"
+EMU_NAMESPACE = "sslops_emu"  # the emulated CUDA kernels' ops (sslops/_emu.py)
 
 try:  # the compiled extension registers the sslops:: kernels when imported
     from . import _C  # noqa: F401
@@ -98,15 +104,50 @@ def compiled_available() -> bool:
     return _C_ERROR is None
 
 
+_EMU_LOADED = False
+_NAMESPACE_SETUPS = []
+
+
+def emu_loaded() -> bool:
+    """Whether the CUDA emulator's kernels (``sslops._emu.load()``) are loaded."""
+    return _EMU_LOADED
+
+
+def ops(backend: str):
+    """The op namespace that runs the compiled kernels of ``backend``:
+    ``torch.ops.sslops``, or ``torch.ops.sslops_emu`` for ``emu``."""
+    return getattr(torch.ops, EMU_NAMESPACE) if backend == "emu" else torch.ops.sslops
+
+
+def compiled_namespace_setup(fn):
+    """Decorator: ``fn(ns)`` registers what the compiled ops of namespace ``ns``
+    need from Python (autograd, ...).  It runs for ``sslops`` now (when
+    sslops._C is importable) and for ``sslops_emu`` when the emulator loads."""
+    _NAMESPACE_SETUPS.append(fn)
+    if compiled_available():
+        fn("sslops")
+    if _EMU_LOADED:
+        fn(EMU_NAMESPACE)
+    return fn
+
+
+def _emu_did_load() -> None:  # called by sslops._emu.load()
+    global _EMU_LOADED
+    if not _EMU_LOADED:
+        _EMU_LOADED = True
+        for fn in _NAMESPACE_SETUPS:
+            fn(EMU_NAMESPACE)
+
+
 def cuda_built() -> bool:
     """Whether this install compiled the CUDA kernels."""
     return compiled_available() and bool(torch.ops.sslops._cuda_built())
 
 
-def _has_kernels(names: Sequence[str], key: str) -> bool:
+def _has_kernels(names: Sequence[str], key: str, namespace: str = "sslops") -> bool:
     if not compiled_available():
         return False
-    return all(torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"sslops::{n}", key) for n in names)
+    return all(torch._C._dispatch_has_computed_kernel_for_dispatch_key(f"{namespace}::{n}", key) for n in names)
 
 
 def triton_importable() -> bool:
@@ -128,9 +169,13 @@ def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None) -> list
     info = _op_info(op)
     dev = torch.device(device)
     found = []
-    for name in info.prefer:
+    # emu is listed (when loaded) just before reference; auto never picks it
+    order = [b for b in info.prefer if b != "reference"] + ["emu"] + (["reference"] if "reference" in info.prefer else [])
+    for name in order:
         if name == "reference":
             ok = True
+        elif name == "emu":
+            ok = dev.type == "cpu" and _EMU_LOADED and _has_kernels(info.compiled, "CPU", EMU_NAMESPACE)
         elif name == "cpu":
             ok = dev.type == "cpu" and _has_kernels(info.compiled, "CPU")
         elif name == "cuda":
@@ -166,8 +211,8 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
     usable = backends(op, device, dtype)
     if backend == "auto":
         for name in usable:
-            if name == "triton" and torch.device(device).type == "cpu":
-                continue  # the interpreter is a test vehicle, never the fast path
+            if name == "emu" or (name == "triton" and torch.device(device).type == "cpu"):
+                continue  # the interpreter and the emulator are test vehicles, never the fast path
             return name
         return "reference"
     if backend not in usable:
@@ -176,6 +221,10 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
             why = f" (sslops._C failed to import: {_C_ERROR})"
         elif backend == "cuda" and torch.device(device).type == "cuda" and not cuda_built():
             why = " (this install was built without CUDA kernels; reinstall with SSLOPS_CUDA=1)"
+        elif backend == "emu" and not _EMU_LOADED:
+            why = " (the CUDA emulator is not loaded: call sslops._emu.load() first, as the emu tests do)"
+        elif backend == "emu" and torch.device(device).type != "cpu":
+            why = " (the emulated CUDA kernels take CPU tensors)"
         elif dtype is not None and backend in backends(op, device):
             allowed = supported_dtypes(op, backend, device) or ()
             why = f" (it computes {', '.join(map(_dtype_name, allowed))}; got {_dtype_name(dtype)})"

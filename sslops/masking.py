@@ -26,6 +26,7 @@ the Triton kernels write NaN into the output row named by a bad index.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Optional, Sequence, Tuple
@@ -90,11 +91,11 @@ def _gather_grads(ctx, grad_x):
     return (grad_x if need_x else None), None, grad_pos, None
 
 
-def _backward_gather(ctx, grad):
+def _backward_gather(ctx, grad, ops=torch.ops.sslops):
     (ids_keep,) = ctx.saved_tensors
     if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[2]):
         return None, None, None, None
-    grad_x = torch.ops.sslops.gather_tokens_backward(grad, ids_keep, ctx.seq_len, ctx.num_prefix_tokens)
+    grad_x = ops.gather_tokens_backward(grad, ids_keep, ctx.seq_len, ctx.num_prefix_tokens)
     return _gather_grads(ctx, grad_x)
 
 
@@ -105,18 +106,22 @@ def _setup_restore(ctx, inputs, output):
     ctx.num_prefix_tokens = num_prefix_tokens
 
 
-def _backward_restore(ctx, grad):
+def _backward_restore(ctx, grad, ops=torch.ops.sslops):
     (ids_restore,) = ctx.saved_tensors
-    grad_xv, grad_mt = torch.ops.sslops.restore_tokens_backward(
+    grad_xv, grad_mt = ops.restore_tokens_backward(
         grad, ids_restore, ctx.num_visible, ctx.num_prefix_tokens
     )
     need_xv, _, need_mt, _ = ctx.needs_input_grad
     return (grad_xv if need_xv else None), None, (grad_mt if need_mt else None), None
 
 
-if _backend.compiled_available():
-    torch.library.register_autograd("sslops::gather_tokens", _backward_gather, setup_context=_setup_gather)
-    torch.library.register_autograd("sslops::restore_tokens", _backward_restore, setup_context=_setup_restore)
+@_backend.compiled_namespace_setup  # sslops, and sslops_emu (the CUDA emulator) when it loads
+def _register_autograd(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(f"{ns}::gather_tokens", functools.partial(_backward_gather, ops=ops),
+                                    setup_context=_setup_gather)
+    torch.library.register_autograd(f"{ns}::restore_tokens", functools.partial(_backward_restore, ops=ops),
+                                    setup_context=_setup_restore)
 
 
 # ----------------------------------------------------------------------------
@@ -183,7 +188,7 @@ def _gather(x, ids_keep, pos_embed, num_prefix_tokens, backend):
         return reference.gather_tokens(x, ids_keep, pos_embed, num_prefix_tokens)
     if backend == "triton":
         return gather_tokens_triton(x, ids_keep, pos_embed, num_prefix_tokens)
-    return torch.ops.sslops.gather_tokens(x, ids_keep, pos_embed, num_prefix_tokens)
+    return _backend.ops(backend).gather_tokens(x, ids_keep, pos_embed, num_prefix_tokens)
 
 
 def _restore(x_visible, ids_restore, mask_token, num_prefix_tokens, backend):
@@ -191,7 +196,7 @@ def _restore(x_visible, ids_restore, mask_token, num_prefix_tokens, backend):
         return reference.restore_tokens(x_visible, ids_restore, mask_token, num_prefix_tokens)
     if backend == "triton":
         return restore_tokens_triton(x_visible, ids_restore, mask_token, num_prefix_tokens)
-    return torch.ops.sslops.restore_tokens(x_visible, ids_restore, mask_token, num_prefix_tokens)
+    return _backend.ops(backend).restore_tokens(x_visible, ids_restore, mask_token, num_prefix_tokens)
 
 
 # ----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ is a plain row-wise dot product, so ``loss_i = lse_i - pos_i``.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -63,9 +64,9 @@ def _setup_lse(ctx, inputs, output):
     ctx.inv_temp = inv_temp
 
 
-def _backward_lse(ctx, grad):
+def _backward_lse(ctx, grad, ops=torch.ops.sslops):
     q, c, exclude, lse = ctx.saved_tensors
-    grad_q, grad_c = torch.ops.sslops.nt_xent_lse_backward(grad, q, c, exclude, lse, ctx.inv_temp)
+    grad_q, grad_c = ops.nt_xent_lse_backward(grad, q, c, exclude, lse, ctx.inv_temp)
     return grad_q, grad_c, None, None
 
 
@@ -75,14 +76,18 @@ def _setup_lse_sym(ctx, inputs, output):
     ctx.inv_temp = inv_temp
 
 
-def _backward_lse_sym(ctx, grad):
+def _backward_lse_sym(ctx, grad, ops=torch.ops.sslops):
     z, lse = ctx.saved_tensors
-    return torch.ops.sslops.nt_xent_lse_backward_sym(grad, z, lse, ctx.inv_temp), None
+    return ops.nt_xent_lse_backward_sym(grad, z, lse, ctx.inv_temp), None
 
 
-if _backend.compiled_available():
-    torch.library.register_autograd("sslops::nt_xent_lse", _backward_lse, setup_context=_setup_lse)
-    torch.library.register_autograd("sslops::nt_xent_lse_sym", _backward_lse_sym, setup_context=_setup_lse_sym)
+@_backend.compiled_namespace_setup  # sslops, and sslops_emu (the CUDA emulator) when it loads
+def _register_autograd(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(f"{ns}::nt_xent_lse", functools.partial(_backward_lse, ops=ops),
+                                    setup_context=_setup_lse)
+    torch.library.register_autograd(f"{ns}::nt_xent_lse_sym", functools.partial(_backward_lse_sym, ops=ops),
+                                    setup_context=_setup_lse_sym)
 
 
 # ----------------------------------------------------------------------------
@@ -157,7 +162,7 @@ def _lse(q: Tensor, c: Tensor, exclude: Optional[Tensor], inv_temp: float, backe
     q, c = _kernel_dtype(q, backend), _kernel_dtype(c, backend)
     if backend == "triton":
         return nt_xent_lse_triton(q, c, exclude, inv_temp)
-    return torch.ops.sslops.nt_xent_lse(q, c, exclude, inv_temp)
+    return _backend.ops(backend).nt_xent_lse(q, c, exclude, inv_temp)
 
 
 def _lse_sym(z: Tensor, inv_temp: float, backend: str) -> Tensor:
@@ -166,7 +171,7 @@ def _lse_sym(z: Tensor, inv_temp: float, backend: str) -> Tensor:
     z = _kernel_dtype(z, backend)
     if backend == "triton":
         return nt_xent_lse_sym_triton(z, inv_temp)
-    return torch.ops.sslops.nt_xent_lse_sym(z, inv_temp)
+    return _backend.ops(backend).nt_xent_lse_sym(z, inv_temp)
 
 
 # ----------------------------------------------------------------------------
@@ -225,7 +230,7 @@ def nt_xent(
             2N anchors, so DDP-averaged gradients equal single-process training
             on the concatenated batch (lightly's convention).
         reduction: "mean" | "sum" | "none" ((2N,) per-anchor losses, z1's first).
-        backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+        backend: "auto" | "cuda" | "triton" | "cpu" | "reference" (| "emu", tests only).
 
     Returns:
         The loss in z1's dtype: a scalar, or (2N,) for reduction="none".

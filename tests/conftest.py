@@ -14,3 +14,17 @@ if os.environ.get("TRITON_INTERPRET") is None:
             os.environ["TRITON_INTERPRET"] = "1"
     except ImportError:  # pragma: no cover
         pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _emu_backend(request):
+    """Tests marked ``emu`` run csrc/cuda's kernels on the CPU under the CUDA
+    emulator (backend="emu"): load it, building it on first use (minutes;
+    cached in build/emu).  A build failure fails these tests."""
+    if request.node.get_closest_marker("emu") is not None:
+        from sslops import _emu
+
+        _emu.load()

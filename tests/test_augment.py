@@ -20,6 +20,8 @@ from torchvision.transforms.v2 import InterpolationMode, RandomResizedCrop  # no
 TOL = 2e-3
 CPU_BACKENDS = [b for b in sslops.backends("augment", "cpu")]
 FAST_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]  # the reference is the oracle's twin
+# The CUDA kernels on the CPU, under the CUDA emulator (csrc/emu): backend "emu", marked emu.
+CPU_AND_EMU = [*CPU_BACKENDS, pytest.param("emu", marks=pytest.mark.emu)]
 ZERO, ONE = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
 
 
@@ -101,7 +103,7 @@ GEOMETRY = [
 ]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("antialias", [True, False])
 @pytest.mark.parametrize("hw,crop,size", GEOMETRY)
 def test_geometry(backend, antialias, hw, crop, size):
@@ -125,7 +127,7 @@ OPS = {
 }
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("op", list(OPS))
 def test_single_op(backend, op):
     x = rand_images(4, 29, 35, seed=3)
@@ -136,7 +138,7 @@ def test_single_op(backend, op):
     assert_close(run(x, p, 23, backend, kernel_size=5), oracle(x, p, 23, kernel_size=5))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("kernel_size", [1, 3, 9, 15])
 def test_blur_kernel_sizes(backend, kernel_size):
     x = rand_images(2, 24, 24, seed=kernel_size)
@@ -144,7 +146,7 @@ def test_blur_kernel_sizes(backend, kernel_size):
     assert_close(run(x, p, 16, backend, kernel_size=kernel_size), oracle(x, p, 16, kernel_size=kernel_size))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_every_jitter_order(backend):
     perms = list(itertools.permutations(range(4)))  # 24
     x = rand_images(3, 26, 22, seed=5)
@@ -156,7 +158,7 @@ def test_every_jitter_order(backend):
     assert_close(run(x, p, 15, backend), oracle(x, p, 15))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("recipe", ["simclr", "byol"])
 def test_all_together(backend, recipe):
     b, size = (4, 17) if backend == "triton" else (12, 31)  # the Triton interpreter is slow
@@ -171,7 +173,7 @@ def test_all_together(backend, recipe):
     assert_close(run(x, p, size, backend), oracle(x, p, size))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_imagenet_normalisation(backend):
     x = rand_images(3, 20, 20, seed=2)
     p = A.sample_params(3, 20, generator=torch.Generator().manual_seed(3))
@@ -184,7 +186,7 @@ def test_imagenet_normalisation(backend):
 # ----------------------------------------------------------------------------
 # Input formats, output dtypes and layouts
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("fmt", ["uint8_channels_last", "float32", "float64", "float16", "uint8_sliced"])
 def test_input_formats(backend, fmt):
     if backend == "triton" and fmt in ("float64", "uint8_sliced"):
@@ -200,7 +202,7 @@ def test_input_formats(backend, fmt):
     assert_close(run(x, p, 19, backend), oracle(x, p, 19))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_output_dtype_and_layout(backend, out_dtype, channels_last):
@@ -467,22 +469,35 @@ def test_default_kernel_size():
 # ----------------------------------------------------------------------------
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-GPU_BACKENDS = ["cuda", "triton"]
+GPU_ONLY = [cuda, needs_cuda]
+# "emu": the CUDA kernels on the CPU under the emulator (csrc/emu), marked emu.
+EMU = pytest.mark.emu
+GPU_BACKENDS = [pytest.param("cuda", marks=GPU_ONLY), pytest.param("triton", marks=GPU_ONLY),
+                pytest.param("emu", marks=EMU)]
 
 
-@cuda
-@needs_cuda
+def _dev(backend):
+    return "cpu" if backend == "emu" else "cuda"
+
+
+def _available(backend):
+    if backend == "emu":
+        assert "emu" in sslops.backends("augment", "cpu")
+    elif backend not in sslops.backends("augment", "cuda"):
+        pytest.skip(f"{backend} not available for augment on cuda")
+
+
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("antialias", [True, False])
 @pytest.mark.parametrize("recipe", ["simclr", "byol"])
 def test_cuda_against_torchvision(backend, antialias, recipe):
-    if backend not in sslops.backends("augment", "cuda"):
-        pytest.skip(f"{backend} not available for augment on cuda")
+    _available(backend)
+    dev = _dev(backend)
     x = rand_images(16, 67, 83, seed=21)
     g = torch.Generator().manual_seed(3)
     p = AugmentParams.cat([A.sample_params(8, (67, 83), recipe=recipe, view=v, generator=g) for v in (0, 1)])
     p.jitter[:8] = True
-    out = run(x.cuda(), p.to("cuda"), 45, backend, antialias=antialias).cpu()
+    out = run(x.to(dev), p.to(dev), 45, backend, antialias=antialias).cpu()
     assert_close(out, oracle(x, p, 45, antialias=antialias))
     # Every order, tiny and large crops.
     perms = torch.tensor(list(itertools.permutations(range(4))))
@@ -491,38 +506,56 @@ def test_cuda_against_torchvision(backend, antialias, recipe):
     q.order = perms
     q.crop[::3] = torch.tensor([5, 7, 2, 3])
     xx = x.repeat(2, 1, 1, 1)[:24].contiguous(memory_format=torch.channels_last)
-    assert_close(run(xx.cuda(), q.to("cuda"), 57, backend).cpu(), oracle(xx, q, 57))
+    assert_close(run(xx.to(dev), q.to(dev), 57, backend).cpu(), oracle(xx, q, 57))
 
 
-@cuda
-@needs_cuda
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_cuda_dtypes_match_cpu(out_dtype, channels_last):
-    if "cuda" not in sslops.backends("augment", "cuda"):
-        pytest.skip("CUDA kernels not built")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=GPU_ONLY), pytest.param("emu", marks=EMU)])
+def test_cuda_dtypes_match_cpu(out_dtype, channels_last, backend):
+    _available(backend)
+    dev = _dev(backend)
     x = rand_images(8, 256, 256, seed=4)
     p = A.sample_params(8, 256, generator=torch.Generator().manual_seed(8))
     ref = A.apply(x, p, 224, backend="cpu")
-    out = A.apply(x.cuda(), p.to("cuda"), 224, out_dtype=out_dtype, channels_last=channels_last, backend="cuda")
+    out = A.apply(x.to(dev), p.to(dev), 224, out_dtype=out_dtype, channels_last=channels_last, backend=backend)
     assert out.dtype == out_dtype
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     eps = {torch.float32: 0, torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[out_dtype]
     assert ((out.float().cpu() - ref).abs() <= TOL / 0.225 + eps * ref.abs()).all()
 
 
-@cuda
-@needs_cuda
-def test_cuda_opcheck_and_views():
-    if "cuda" not in sslops.backends("augment", "cuda"):
-        pytest.skip("CUDA kernels not built")
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=GPU_ONLY), pytest.param("emu", marks=EMU)])
+def test_cuda_opcheck_and_views(backend):
+    _available(backend)
+    dev = _dev(backend)
     x, p = _good()
-    x, p = x.cuda(), p.to("cuda")
-    torch.library.opcheck(torch.ops.sslops.augment.default,
+    x, p = x.to(dev), p.to(dev)
+    ops = sslops._backend.ops(backend)
+    torch.library.opcheck(ops.augment.default,
                           (x, *p.tensors(), 16, 5, True, [0.0] * 3, [1.0] * 3, torch.bfloat16, True))
-    views = A.SSLViews("byol", size=16, views=2, generator=torch.Generator("cuda").manual_seed(0))
+    views = A.SSLViews("byol", size=16, views=2, generator=torch.Generator(dev).manual_seed(0), backend=backend)
     v1, v2 = views(x)
-    assert v1.is_cuda and v1.shape == (2, 3, 16, 16) and torch.isfinite(v1).all() and torch.isfinite(v2).all()
+    assert v1.device.type == dev and v1.shape == (2, 3, 16, 16) and torch.isfinite(v1).all()
+    assert torch.isfinite(v2).all()
+
+
+@EMU
+@pytest.mark.parametrize("emu_device", ["h100", "a100"])
+def test_emu_blur_shared_memory_limit_per_device(emu_device):
+    """kernel_size 73 needs ~166 KB of shared memory per block: more than an
+    A100 allows (163 KB), less than an H100 (227 KB).  The host code must
+    raise a clear error on the A100 and run (opting in above 48 KB) on the H100."""
+    from sslops import _emu
+
+    x = rand_images(2, 50, 44, seed=5)
+    p = params(2, (0, 0, 50, 44), blur_sigma=1.5)
+    with _emu.emulated_device(emu_device):
+        if emu_device == "a100":
+            with pytest.raises(RuntimeError, match="more shared memory than this GPU has per block"):
+                run(x, p, 40, "emu", kernel_size=73)
+        else:
+            assert_close(run(x, p, 40, "emu", kernel_size=73), oracle(x, p, 40, kernel_size=73))
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU kernel not built")
@@ -537,7 +570,7 @@ def test_cpu_isa_paths(monkeypatch, isa):
     assert_close(run(x, p, 29, "cpu"), oracle(x, p, 29))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_sslviews_every_backend(backend):
     """V views in one call (N = V * B parameter rows) against torchvision, per backend."""
     x = rand_images(3, 30, 26, seed=19)

@@ -19,6 +19,9 @@ from sslops.masking import (
 
 HAS_CUDA = torch.cuda.is_available()
 CPU_BACKENDS = [b for b in ("cpu", "triton", "reference") if b in sslops.backends("gather_tokens", "cpu")]
+# The CUDA kernels on the CPU, under the CUDA emulator (csrc/emu): backend "emu", marked emu.
+EMU = pytest.param("emu", marks=pytest.mark.emu)
+CPU_AND_EMU = [*CPU_BACKENDS, EMU]
 needs_triton = pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not importable / not interpreted")
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not (HAS_CUDA and _backend.cuda_built()), reason="needs a GPU and the CUDA build")
@@ -54,9 +57,10 @@ SHAPES_L = [1, 7, 49, 50, 196, 197]
 SHAPES_D = [1, 3, 130, 768]
 
 
+@pytest.mark.parametrize("backend", ["cpu", EMU])
 @pytest.mark.parametrize("L", SHAPES_L)
 @pytest.mark.parametrize("D", SHAPES_D)
-def test_gather_cpu_exact_odd_shapes(L, D):
+def test_gather_cpu_exact_odd_shapes(L, D, backend):
     gen = torch.Generator().manual_seed(L * 1000 + D)
     B = 3
     P = 1 if L > 1 else 0
@@ -66,7 +70,7 @@ def test_gather_cpu_exact_odd_shapes(L, D):
     pos = torch.randn(1, L, D, generator=gen)
     ids = _ids(B, N, K, gen)
     for p in (None, pos):
-        out = sslops.gather_tokens(x, ids, pos_embed=p, num_prefix_tokens=P, backend="cpu")
+        out = sslops.gather_tokens(x, ids, pos_embed=p, num_prefix_tokens=P, backend=backend)
         assert out.shape == (B, P + K, D)
         assert torch.equal(out, reference.gather_tokens(x, ids, p, P))
         assert torch.equal(out.double(), _mae_gather_f64(x, ids, p, P).float().double())
@@ -88,21 +92,22 @@ def test_gather_triton_exact_odd_shapes(L, D):
         assert torch.equal(out.double(), _mae_gather_f64(x, ids, p, P).float().double())
 
 
+@pytest.mark.parametrize("backend", ["cpu", EMU])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_gather_cpu_dtypes_exact(dtype):
+def test_gather_cpu_dtypes_exact(dtype, backend):
     gen = torch.Generator().manual_seed(1)
     B, L, D, P = 4, 50, 130, 1
     x = torch.randn(B, L, D, generator=gen).to(dtype)
     pos = torch.randn(B, L, D, generator=gen).to(dtype)  # per-sample pos_embed
     ids = _ids(B, L - P, 12, gen)
-    out = sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend="cpu")
+    out = sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend=backend)
     assert out.dtype == dtype
     assert torch.equal(out, reference.gather_tokens(x, ids, pos, P))
     # one rounding of the exact sum, like torch's add
     assert torch.equal(out, _mae_gather_f64(x, ids, pos, P).to(dtype))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_gather_int32_and_noncontiguous(backend):
     gen = torch.Generator().manual_seed(2)
     B, L, D, P, K = 3, 9, 6, 2, 4
@@ -121,7 +126,7 @@ def test_gather_int32_and_noncontiguous(backend):
 # ----------------------------------------------------------------------------
 # random_masking: equal to MAE's, values and gradients
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_random_masking_equals_mae(backend, dtype):
     gen = torch.Generator().manual_seed(3)
@@ -175,7 +180,7 @@ def test_random_masking_ratio_zero_and_tiny():
 # ----------------------------------------------------------------------------
 # gradients
 # ----------------------------------------------------------------------------
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("pos_batch", [None, 1, 2])
 def test_gather_gradcheck(backend, pos_batch):
     gen = torch.Generator().manual_seed(7)
@@ -193,7 +198,7 @@ def test_gather_gradcheck(backend, pos_batch):
     assert torch.autograd.gradcheck(f, tuple(inputs), fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_restore_gradcheck(backend):
     gen = torch.Generator().manual_seed(8)
     B, P, K, N, D = 2, 1, 2, 5, 3
@@ -204,7 +209,7 @@ def test_restore_gradcheck(backend):
     assert torch.autograd.gradcheck(f, (xv, mt), fast_mode=backend == "triton")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_gather_backward_repeats_zeros_and_pos_sum(backend):
     gen = torch.Generator().manual_seed(9)
     B, L, D, P = 3, 8, 5, 2
@@ -227,6 +232,7 @@ def test_gather_backward_repeats_zeros_and_pos_sum(backend):
 # the Triton interpreter gets the small shapes only (it is slow)
 RESTORE_CASES = [(be, N, D) for be in CPU_BACKENDS for N, D in [(1, 1), (7, 3), (49, 130), (196, 5)]
                  if not (be == "triton" and N > 50)]
+RESTORE_CASES += [pytest.param("emu", N, D, marks=pytest.mark.emu) for N, D in [(1, 1), (7, 3), (49, 130), (196, 5)]]
 
 
 @pytest.mark.parametrize("backend,N,D", RESTORE_CASES)
@@ -254,18 +260,19 @@ def test_restore_equals_mae_decoder(backend, N, D):
         torch.testing.assert_close(gm, gm_ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["cpu", EMU])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_restore_cpu_half_types(dtype):
+def test_restore_cpu_half_types(dtype, backend):
     gen = torch.Generator().manual_seed(11)
     B, P, K, N, D = 3, 2, 5, 12, 24
     xv = torch.randn(B, P + K, D, generator=gen).to(dtype)
     mt = torch.randn(D, generator=gen).to(dtype)
     ids = _restore_ids(B, N, gen).to(torch.int32)
-    out = sslops.restore_tokens(xv, ids, mt, num_prefix_tokens=P, backend="cpu")
+    out = sslops.restore_tokens(xv, ids, mt, num_prefix_tokens=P, backend=backend)
     assert torch.equal(out, reference.restore_tokens(xv, ids, mt, P))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_restore_noncontiguous_int32(backend):
     gen = torch.Generator().manual_seed(12)
     B, P, K, N, D = 2, 1, 3, 8, 4
@@ -303,9 +310,10 @@ def _op_samples():
     return x, pos, ids, P, xv, mt, ir, g, gr
 
 
-def test_opcheck_compiled_ops():
+@pytest.mark.parametrize("ns", ["sslops", pytest.param("sslops_emu", marks=pytest.mark.emu)])
+def test_opcheck_compiled_ops(ns):
     x, pos, ids, P, xv, mt, ir, g, gr = _op_samples()
-    ops = torch.ops.sslops
+    ops = getattr(torch.ops, ns)  # sslops_emu: the CUDA kernels under the emulator
     torch.library.opcheck(ops.gather_tokens.default, (x, ids, pos, P))
     torch.library.opcheck(ops.gather_tokens.default, (x, ids.int(), None, P))
     torch.library.opcheck(ops.gather_tokens_backward.default, (g, ids, x.shape[1], P))
@@ -532,19 +540,31 @@ def test_block_masks_feed_gather():
 # ----------------------------------------------------------------------------
 # CUDA (needs a GPU; skipped otherwise)
 # ----------------------------------------------------------------------------
-@cuda
-@needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+# The CUDA kernels also run on the CPU under the emulator (backend "emu", marked emu).
+GPU_ONLY = [cuda, needs_cuda]
+EMU = pytest.mark.emu
+GPU_BACKENDS = [pytest.param("cuda", marks=GPU_ONLY), pytest.param("triton", marks=GPU_ONLY),
+                pytest.param("emu", marks=EMU)]
+
+
+def _dev(backend):
+    return "cpu" if backend == "emu" else "cuda"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("L,D", [(197, 768), (50, 130), (7, 3), (1, 1), (197, 384)])
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_cuda_matches_reference(backend, L, D, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels take fp32/fp16/bf16")
+    dev = _dev(backend)
     gen = torch.Generator().manual_seed(L + D)
     B, P = 8, (1 if L > 1 else 0)
     N = L - P
     K = int(N * 0.25)
-    x = torch.randn(B, L, D, generator=gen).to(dtype).cuda().requires_grad_()
-    pos = torch.randn(1, L, D, generator=gen).to(dtype).cuda().requires_grad_()
-    ids = _ids(B, N, K, gen).cuda()
+    x = torch.randn(B, L, D, generator=gen).to(dtype).to(dev).requires_grad_()
+    pos = torch.randn(1, L, D, generator=gen).to(dtype).to(dev).requires_grad_()
+    ids = _ids(B, N, K, gen).to(dev)
     out = sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend=backend)
     want = reference.gather_tokens(x, ids, pos, P)
     assert torch.equal(out, want)
@@ -554,9 +574,9 @@ def test_cuda_matches_reference(backend, L, D, dtype):
     assert torch.equal(gx, gx_ref)
     torch.testing.assert_close(gp, gp_ref)
     # restore
-    xv = torch.randn(B, P + K, D, generator=gen).to(dtype).cuda().requires_grad_()
-    mt = torch.randn(D, generator=gen).to(dtype).cuda().requires_grad_()
-    ir = _restore_ids(B, N, gen).cuda().int()
+    xv = torch.randn(B, P + K, D, generator=gen).to(dtype).to(dev).requires_grad_()
+    mt = torch.randn(D, generator=gen).to(dtype).to(dev).requires_grad_()
+    ir = _restore_ids(B, N, gen).to(dev).int()
     out = sslops.restore_tokens(xv, ir, mt, num_prefix_tokens=P, backend=backend)
     want = reference.restore_tokens(xv, ir, mt, P)
     assert torch.equal(out, want)
@@ -567,21 +587,36 @@ def test_cuda_matches_reference(backend, L, D, dtype):
     torch.testing.assert_close(gm, gm_ref, rtol=2e-2, atol=2e-2)
 
 
-@cuda
-@needs_cuda
-def test_cuda_deterministic_and_unaligned():
+@pytest.mark.parametrize("backend", [pytest.param("cuda", marks=GPU_ONLY), pytest.param("emu", marks=EMU)])
+def test_cuda_deterministic_and_unaligned(backend):
+    dev = _dev(backend)
     B, L, D = 16, 197, 768
-    x = torch.randn(B, L + 1, D + 1, device="cuda")[:, 1:, 1:]  # unaligned rows: scalar path
-    pos = torch.randn(1, L, D, device="cuda")
-    ids = torch.rand(B, L - 1, device="cuda").argsort(1)[:, :49]
-    a = sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=1, backend="cuda")
+    x = torch.randn(B, L + 1, D + 1, device=dev)[:, 1:, 1:]  # unaligned rows: scalar path
+    pos = torch.randn(1, L, D, device=dev)
+    ids = torch.rand(B, L - 1, device=dev).argsort(1)[:, :49]
+    a = sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=1, backend=backend)
     assert torch.equal(a, reference.gather_tokens(x, ids, pos, 1))
     xg = x.detach().clone().requires_grad_()
     pg = pos.clone().requires_grad_()
-    g = torch.randn(B, 50, D, device="cuda")
-    r1 = torch.autograd.grad(sslops.gather_tokens(xg, ids, pos_embed=pg, num_prefix_tokens=1, backend="cuda"), (xg, pg), g)
-    r2 = torch.autograd.grad(sslops.gather_tokens(xg, ids, pos_embed=pg, num_prefix_tokens=1, backend="cuda"), (xg, pg), g)
+    g = torch.randn(B, 50, D, device=dev)
+    r1 = torch.autograd.grad(sslops.gather_tokens(xg, ids, pos_embed=pg, num_prefix_tokens=1, backend=backend), (xg, pg), g)
+    r2 = torch.autograd.grad(sslops.gather_tokens(xg, ids, pos_embed=pg, num_prefix_tokens=1, backend=backend), (xg, pg), g)
     assert torch.equal(r1[0], r2[0]) and torch.equal(r1[1], r2[1])
+    gx_ref, gp_ref = torch.autograd.grad(reference.gather_tokens(xg, ids, pg, 1), (xg, pg), g)
+    assert torch.equal(r1[0], gx_ref)
+    torch.testing.assert_close(r1[1], gp_ref)
+
+
+@EMU
+def test_emu_bad_index_is_a_device_side_assert():
+    """The raw op is not checked on the host for GPU tensors: a bad index must
+    fire the kernel's device-side assert (and never be dereferenced)."""
+    ops = torch.ops.sslops_emu
+    x = torch.randn(2, 5, 8)
+    with pytest.raises(RuntimeError, match="device-side assert triggered.*ids_keep out of range"):
+        ops.gather_tokens(x, torch.tensor([[0, 4], [1, 2]]), None, 1)  # N = 4 patch rows: 4 is out of range
+    with pytest.raises(RuntimeError, match="device-side assert triggered.*ids_restore out of range"):
+        ops.restore_tokens(x[:, :3], torch.tensor([[0, 1, 2, -1], [3, 2, 1, 0]]), torch.zeros(8), 1)
 
 
 @cuda

@@ -1,5 +1,6 @@
 """sslops.nt_xent / info_nce against a float64 reference, on every backend
 that runs on this machine (cpu; triton in the interpreter; reference)."""
+import contextlib
 import os
 
 import pytest
@@ -10,6 +11,10 @@ from sslops import reference
 
 CPU_BACKENDS = sslops.backends("nt_xent", "cpu")  # cpu, triton (interpreter), reference
 GPU = torch.cuda.is_available()
+# The CUDA kernels on the CPU, under the CUDA emulator (csrc/emu): backend "emu",
+# marked emu (`pytest -m emu` runs only these).
+EMU = pytest.param("emu", marks=pytest.mark.emu)
+CPU_AND_EMU = [*CPU_BACKENDS, EMU]
 
 
 def _views(n, d, dtype=torch.float32, device="cpu", scale=1.0, seed=0):
@@ -55,7 +60,7 @@ def _check(fn, ref_fn, args, kwargs, backend, inv_temp, upstream=None, scale=1.0
 SIZES = [(1, 1), (2, 3), (3, 64), (17, 130), (130, 3), (513, 64)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("n,d", SIZES)
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 0.5])
 def test_nt_xent_matches_float64(backend, n, d, temperature):
@@ -67,21 +72,21 @@ def test_nt_xent_matches_float64(backend, n, d, temperature):
            backend, 1 / temperature, upstream)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_nt_xent_reductions(backend, reduction):
     z1, z2 = _views(17, 64, seed=3)
     _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.2, reduction=reduction), backend, 5.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("d", [1, 3, 64, 130])
 def test_nt_xent_all_widths(backend, d):
     z1, z2 = _views(33, d, seed=d)
     _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1), backend, 10.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_nt_xent_unnormalised_low_temperature_is_stable(backend):
     # |z|^2 ~ 64 * 9: logits ~ 6e4, exp overflows without a running max.  The
     # tolerance scales with |z|^2, the size of the fp32 logits' rounding.
@@ -90,7 +95,7 @@ def test_nt_xent_unnormalised_low_temperature_is_stable(backend):
            backend, 100.0, scale=64 * 9.0)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_nt_xent_non_contiguous(backend):
     g = torch.Generator().manual_seed(11)
     base = torch.randn(64, 2 * 17, generator=g)
@@ -100,7 +105,7 @@ def test_nt_xent_non_contiguous(backend):
     _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1, reduction="none"), backend, 10.0)
 
 
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", [*(b for b in CPU_BACKENDS if b != "triton"), EMU])
 def test_nt_xent_float64_and_half_inputs(backend):
     z1, z2 = _views(9, 16, dtype=torch.float64)
     _check(sslops.nt_xent, reference.nt_xent, (z1, z2), dict(temperature=0.1), backend, 1e-6)  # fp64: tight
@@ -133,7 +138,7 @@ def test_nt_xent_equals_simclr_formula():
 
 
 # ---------------------------------------------------------------- info_nce
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_AND_EMU)
 @pytest.mark.parametrize("n,k,d", [(1, 1, 3), (3, 17, 64), (130, 513, 3), (17, 130, 130)])
 @pytest.mark.parametrize("with_queue", [False, True])
 def test_info_nce_matches_float64(backend, n, k, d, with_queue):
@@ -158,7 +163,7 @@ def test_info_nce_against_moco_formula():
 
 
 # ---------------------------------------------------------------- autograd, opcheck, compile
-@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", [*(b for b in CPU_BACKENDS if b != "triton"), EMU])
 def test_gradcheck_float64(backend):
     z1, z2 = _views(3, 5, dtype=torch.float64, seed=2)
     z1.requires_grad_(), z2.requires_grad_()
@@ -177,17 +182,19 @@ def _lse_args(dtype=torch.float32, requires_grad=True):
 
 
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
-def test_opcheck_compiled_ops():
+@pytest.mark.parametrize("ns", ["sslops", pytest.param("sslops_emu", marks=pytest.mark.emu)])
+def test_opcheck_compiled_ops(ns):
+    ops = getattr(torch.ops, ns)  # sslops_emu: the CUDA kernels under the emulator
     q, c, exclude = _lse_args()
     z = torch.randn(6, 5, requires_grad=True)
-    torch.library.opcheck(torch.ops.sslops.nt_xent_lse.default, (q, c, exclude, 3.0))
-    torch.library.opcheck(torch.ops.sslops.nt_xent_lse.default, (q, c, None, 3.0))
-    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_sym.default, (z, 2.0))
-    lse = torch.ops.sslops.nt_xent_lse(q.detach(), c.detach(), exclude, 3.0)
+    torch.library.opcheck(ops.nt_xent_lse.default, (q, c, exclude, 3.0))
+    torch.library.opcheck(ops.nt_xent_lse.default, (q, c, None, 3.0))
+    torch.library.opcheck(ops.nt_xent_lse_sym.default, (z, 2.0))
+    lse = ops.nt_xent_lse(q.detach(), c.detach(), exclude, 3.0)
     grad = torch.rand(7)
-    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_backward.default, (grad, q.detach(), c.detach(), exclude, lse, 3.0))
-    lse_z = torch.ops.sslops.nt_xent_lse_sym(z.detach(), 2.0)
-    torch.library.opcheck(torch.ops.sslops.nt_xent_lse_backward_sym.default, (torch.rand(6), z.detach(), lse_z, 2.0))
+    torch.library.opcheck(ops.nt_xent_lse_backward.default, (grad, q.detach(), c.detach(), exclude, lse, 3.0))
+    lse_z = ops.nt_xent_lse_sym(z.detach(), 2.0)
+    torch.library.opcheck(ops.nt_xent_lse_backward_sym.default, (torch.rand(6), z.detach(), lse_z, 2.0))
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton not importable or interpreter off")
@@ -346,42 +353,80 @@ def test_mixed_devices_raise():
         sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8, device="cuda"))
 
 
-# ---------------------------------------------------------------- GPU
-@pytest.mark.cuda
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("n,d", [(1, 1), (3, 3), (17, 130), (513, 64), (4096, 128)])
-def test_gpu_backends_match_float64(backend, dtype, n, d):
-    if backend not in sslops.backends("nt_xent", "cuda"):
-        pytest.skip(f"{backend} not available")
-    z1, z2 = _views(n, d, dtype=dtype, device="cuda", seed=n + d)
-    upstream = torch.rand(2 * n, dtype=torch.float64, device="cuda")
+# ---------------------------------------------------------------- GPU (and the CUDA kernels emulated on the CPU)
+GPU_ONLY = [pytest.mark.cuda, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
+GPU_SIZES = [(1, 1), (3, 3), (17, 130), (513, 64), (4096, 128)]
+# Under the emulator (backend "emu", CPU tensors): the CPU tests' sizes, which
+# cover tails (1, 3, 17, 130), several 64-row tiles and splits (513 -> 1026
+# rows), multi-chunk D for every dtype (130 > 128 halves > 64 floats > 32
+# doubles), on an emulated H100 and A100 (different SM counts -> splits).
+EMU_CASES = [(1, 1, "h100"), (2, 3, "a100"), (3, 64, "h100"), (17, 130, "a100"), (130, 3, "h100"), (513, 64, "h100"),
+             (513, 64, "a100")]
+GPU_CASES = [pytest.param(b, n, d, None, marks=GPU_ONLY, id=f"{b}-{n}x{d}") for b in ("cuda", "triton")
+             for n, d in GPU_SIZES] + [pytest.param("emu", n, d, dev, marks=pytest.mark.emu, id=f"emu-{dev}-{n}x{d}")
+                                       for n, d, dev in EMU_CASES]
+
+
+def _gpu_device(backend, emu_device):
+    """The tensors' device and a context with the emulated GPU chosen (emu)."""
+    if backend == "emu":
+        from sslops import _emu
+
+        return "cpu", _emu.emulated_device(emu_device)
+    return "cuda", contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("backend,n,d,emu_device", GPU_CASES)
+def test_gpu_backends_match_float64(backend, dtype, n, d, emu_device):
+    device, emulated = _gpu_device(backend, emu_device)
+    if backend == "emu":
+        assert "emu" in sslops.backends("nt_xent", device, dtype)
+    elif backend not in sslops.backends("nt_xent", device, dtype):
+        pytest.skip(f"{backend} not available for {dtype}")
+    launches = _emu_launches(backend)
+    with emulated:
+        _check_gpu_backend(backend, device, dtype, n, d)
+    assert _emu_launches(backend) > launches  # the emulated kernels really ran
+
+
+def _emu_launches(backend):
+    if backend != "emu":
+        return -1
+    from sslops import _emu
+
+    return _emu.stats()["launches"]
+
+
+def _check_gpu_backend(backend, device, dtype, n, d):
+    z1, z2 = _views(n, d, dtype=dtype, device=device, seed=n + d)
+    upstream = torch.rand(2 * n, dtype=torch.float64, device=device)
     for t in (0.01, 0.5):
         out, grads = _run(sslops.nt_xent, (z1, z2), dict(temperature=t, reduction="none", backend=backend), upstream)
         # the oracle sees the same (rounded) inputs, in float64
         ref, ref_grads = _oracle(reference.nt_xent, (z1, z2), dict(temperature=t, reduction="none"), upstream)
-        tol = (2e-5 if dtype == torch.float32 else 2e-2) * max(1.0, 1 / t)
+        tol = (2e-5 if dtype in (torch.float32, torch.float64) else 2e-2) * max(1.0, 1 / t)
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
         for g, rg in zip(grads, ref_grads):
             torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol)
     q, key = z1, z2
-    neg = torch.randn(257, d, device="cuda", dtype=dtype)
+    neg = torch.randn(257, d, device=device, dtype=dtype)
     out, grads = _run(sslops.info_nce, (q, key, neg), dict(reduction="none", backend=backend))
     ref, ref_grads = _oracle(reference.info_nce, (q, key, neg), dict(reduction="none"))
-    tol = (2e-5 if dtype == torch.float32 else 2e-2) / 0.07
+    tol = (2e-5 if dtype in (torch.float32, torch.float64) else 2e-2) / 0.07
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
     for g, rg in zip(grads, ref_grads):
         torch.testing.assert_close(g.double(), rg, rtol=tol, atol=tol)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-def test_gpu_deterministic():
-    if "cuda" not in sslops.backends("nt_xent", "cuda"):
+@pytest.mark.parametrize("backend,n,d", [pytest.param("cuda", 1000, 128, marks=GPU_ONLY),
+                                         pytest.param("emu", 200, 64, marks=pytest.mark.emu)])
+def test_gpu_deterministic(backend, n, d):
+    device = "cpu" if backend == "emu" else "cuda"
+    if backend == "cuda" and "cuda" not in sslops.backends("nt_xent", "cuda"):
         pytest.skip("cuda backend not available")
-    z1, z2 = _views(1000, 128, device="cuda")
-    runs = [_run(sslops.nt_xent, (z1, z2), dict(backend="cuda")) for _ in range(2)]
+    z1, z2 = _views(n, d, device=device)
+    runs = [_run(sslops.nt_xent, (z1, z2), dict(backend=backend)) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 

@@ -45,7 +45,7 @@
 
 #if defined(SSLOPS_EMU)
 #define SSLOPS_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  ::sslops::emu::launch(kernel, #kernel, __PRETTY_FUNCTION__, grid, block, smem, stream, ##__VA_ARGS__)
+  ::sslops::emu::launch(kernel, #kernel, __PRETTY_FUNCTION__, grid, block, smem, stream __VA_OPT__(, ) __VA_ARGS__)
 #define SSLOPS_SHARED(type, name, ...) SSLOPS_EMU_SHARED(type, name, __VA_ARGS__)
 #define SSLOPS_DYNAMIC_SHARED(type, name, align) SSLOPS_EMU_DYNAMIC_SHARED(type, name, align)
 #define SSLOPS_CUDA_LIBRARY_IMPL(m) SSLOPS_EMU_LIBRARY_IMPL(m)

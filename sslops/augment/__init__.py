@@ -232,7 +232,7 @@ def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, cha
     if be == "triton":  # one launch for all N = V * B views, like the compiled op
         return augment_triton(images, *params.tensors(), size, kernel_size, antialias, list(mean), list(std),
                               out_dtype, channels_last)
-    return torch.ops.sslops.augment(images, *params.tensors(), size, kernel_size, antialias, list(mean), list(std),
+    return _backend.ops(be).augment(images, *params.tensors(), size, kernel_size, antialias, list(mean), list(std),
                                     out_dtype, channels_last)
 
 
