@@ -92,7 +92,7 @@ __global__ void shfl_kernel(const float* x, float* out, int mode) {
     out[6 * t + 5] = static_cast<float>(any + 2 * all);
     return;
   }
-  if (mode == 1) v = __shfl_down_sync(0x0000ffffu, v, 1);
+  if (mode == 1) v = __shfl_down_sync(0xffff0000u, v, 1);  // lane 0 is not in it
   if (mode == 2) v = __shfl_down_sync(0xffffffffu, v, 1);
   if (mode == 3) {
     if (lane == 31) return;
@@ -175,7 +175,8 @@ __global__ void assert_kernel(const float* x, float* out) {
 
 // ---- cp.async ----
 // mode 0: wait_all (correct); 1: no wait (the data is used before it lands);
-// 2: two groups, wait_group<1>, read the first (correct); 3: same, read the second.
+// 2: two groups, wait_group<1>, read the first (correct); 3: same, read the second;
+// 4: the threads exit without waiting.
 __global__ void cp_async_kernel(const float* x, float* out, int mode) {
   SSLOPS_SHARED(float, s, [2 * 128]);
   const int t = threadIdx.x;  // 32 threads, 16 bytes each per group
@@ -183,6 +184,7 @@ __global__ void cp_async_kernel(const float* x, float* out, int mode) {
   ptx::cp_async_commit();
   ptx::cp_async_cg16(&s[128 + 4 * t], x + 128 + 4 * t);
   ptx::cp_async_commit();
+  if (mode == 4) return;
   if (mode == 0) ptx::cp_async_wait_all();
   if (mode >= 2) ptx::cp_async_wait_group<1>();
   __syncthreads();
@@ -305,6 +307,14 @@ __global__ void wmma_kernel(const float* x, float* out, int mode) {
   wmma::store_matrix_sync(out, fc, 16, wmma::mem_row_major);
 }
 
+// float -> half / bfloat16 -> float, round to nearest even (out: 2 per input).
+__global__ void convert_kernel(const float* x, float* out, int n) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+    out[2 * i] = __half2float(__float2half_rn(x[i]));
+    out[2 * i + 1] = __bfloat162float(__float2bfloat16_rn(x[i]));
+  }
+}
+
 __global__ void big_smem_kernel(float* out) {
   SSLOPS_DYNAMIC_SHARED(float, dyn, 16);
   const int t = threadIdx.x;
@@ -372,6 +382,9 @@ at::Tensor run(c10::string_view name_view, const at::Tensor& x_in) {
   } else if (name.rfind("wmma", 0) == 0) {
     out = at::empty({256}, x.options());
     SSLOPS_LAUNCH(wmma_kernel, 1, 32, 0, stream, xp, out.data_ptr<float>(), mode_of("wmma"));
+  } else if (name == "convert") {
+    out = at::empty({2 * x.numel()}, x.options());
+    SSLOPS_LAUNCH(convert_kernel, 3, 64, 0, stream, xp, out.data_ptr<float>(), static_cast<int>(x.numel()));
   } else if (name.rfind("big_smem", 0) == 0) {
     // big_smem<bytes>[_attr]: a launch with that much dynamic shared memory,
     // with or without raising the kernel's limit first.
