@@ -334,7 +334,7 @@ EXTRA_MUTATIONS = [
      "      if (y >= S || x >= S) continue;\n      float r, g, b;\n      preblur_pixel",
      "      if (y > S || x > S) continue;\n      float r, g, b;\n      preblur_pixel",
      "tests/test_augment.py", "test_geometry"),
-    ("masking-restore-backward-race-free-sum-shifted", "masking.cu",
+    ("masking-restore-backward-scan-off-by-one", "masking.cu",
      "        for (int64_t n = n0; n < n1; ++n) {", "        for (int64_t n = n0; n <= n1; ++n) {",
      "tests/test_masking.py", "test_restore_equals_mae_decoder"),
 ]
@@ -382,7 +382,7 @@ def test_mutant_fails_the_emulated_tests(mutation):
     )
     caught = re.findall(r"^E\s+(?:RuntimeError|AssertionError): (.*)$", out, re.M)
     reason = caught[0] if caught else out[-300:]
-    kernel = re.search(r"kernel (\S+)", reason)
+    kernel = re.search(r"kernel (.+?) \(launched", reason)
     where = f"kernel {kernel.group(1)}: " if kernel else ""
     print(f"\n{ident}: caught by {test_file} -k '{selection}': {where}{reason.split(']: ', 1)[-1][:240]}")
 

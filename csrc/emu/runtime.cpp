@@ -1198,7 +1198,8 @@ dim3 grid_dim() {
 int syncthreads(const char* file, int line, int kind, int pred) {
   Fiber& f = cur_fiber("__syncthreads");
   Worker& w = *tls_worker;
-  if (const Fiber* e = first_exited(w)) {
+  if (w.exited > 0) {
+    const Fiber* e = first_exited(w);
     fail(fmt("reaches __syncthreads at %s after thread %d has exited: every thread of the block must reach every "
              "__syncthreads (divergent barrier)",
              site(file, line).c_str(), e->tid));
