@@ -134,6 +134,11 @@ def test_shuffles_and_votes():
         assert torch.all(o[:, 5] == 3.0)  # any(lane == 9) + 2 * all(lane < 40)
 
 
+def test_atomics():
+    # 64 threads: global atomicAdd(0.5f), shared atomicAdd(1) and atomicMax(tid)
+    assert st("atomics", ar(1)).tolist() == [32.0, 64.0, 63.0]
+
+
 def test_in_bounds_neighbours_pass():
     assert st("dynamic_oob0", ar(64))[:32].tolist() == [float(i) for i in range(32)]
     out = st("global_oob1", ar(64))  # 63 threads write out[1..63]: in bounds

@@ -307,6 +307,25 @@ __global__ void wmma_kernel(const float* x, float* out, int mode) {
   wmma::store_matrix_sync(out, fc, 16, wmma::mem_row_major);
 }
 
+// Atomics on shared and global memory (performed for real, bounds-checked).
+__global__ void atomics_kernel(float* out) {
+  SSLOPS_SHARED(int, count, [2]);
+  const int t = threadIdx.x;
+  if (t == 0) {
+    count[0] = count[1] = 0;
+    out[0] = 0.0f;
+  }
+  __syncthreads();
+  atomicAdd(&count[0], 1);
+  atomicMax(&count[1], t);
+  atomicAdd(&out[0], 0.5f);
+  __syncthreads();
+  if (t == 0) {
+    out[1] = static_cast<float>(count[0]);
+    out[2] = static_cast<float>(count[1]);
+  }
+}
+
 // float -> half / bfloat16 -> float, round to nearest even (out: 2 per input).
 __global__ void convert_kernel(const float* x, float* out, int n) {
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
@@ -382,6 +401,9 @@ at::Tensor run(c10::string_view name_view, const at::Tensor& x_in) {
   } else if (name.rfind("wmma", 0) == 0) {
     out = at::empty({256}, x.options());
     SSLOPS_LAUNCH(wmma_kernel, 1, 32, 0, stream, xp, out.data_ptr<float>(), mode_of("wmma"));
+  } else if (name == "atomics") {
+    out = at::zeros({3}, x.options());
+    SSLOPS_LAUNCH(atomics_kernel, 1, 64, 0, stream, out.data_ptr<float>());
   } else if (name == "convert") {
     out = at::empty({2 * x.numel()}, x.options());
     SSLOPS_LAUNCH(convert_kernel, 3, 64, 0, stream, xp, out.data_ptr<float>(), static_cast<int>(x.numel()));
