@@ -229,7 +229,12 @@ def attention_lse(q, k, scale=None, causal=False):
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False):
     """Packed variable-length attention, one sequence at a time: q (Tq, H, D),
-    k and v (Tk, H, D), FlashAttention's cu_seqlens (N + 1,).  Returns (Tq, H, D)."""
+    k and v (Tk, H, D), FlashAttention's cu_seqlens (N + 1,).  Returns (Tq, H, D).
+
+    Under torch.compile (which cannot split by data-dependent lengths) it is
+    one (Tq, Tk) attention with a block-diagonal mask instead."""
+    if torch.compiler.is_compiling():
+        return _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     outs = []
     for b in range(len(cq) - 1):
@@ -240,3 +245,25 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=Fal
     if not outs:
         return q.new_empty(q.shape)
     return torch.cat(outs, dim=0)
+
+
+def _segments(cu, total):
+    """Sequence id and position within it of each of the total tokens."""
+    tok = torch.arange(total, device=cu.device)
+    seg = torch.searchsorted(cu.long(), tok, right=True) - 1
+    return seg, tok - cu.long()[seg]
+
+
+def _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False):
+    out_dtype = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seg_q, pos_q = _segments(cu_seqlens_q, q.shape[0])
+    seg_k, pos_k = _segments(cu_seqlens_k, k.shape[0])
+    visible = seg_q[:, None] == seg_k[None, :]
+    if causal:
+        visible = visible & (pos_k[None, :] <= pos_q[:, None])
+    a, b, c = (_acc(t).transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    s = (a @ b.transpose(-2, -1)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without a key: 0
+    return (p @ c).transpose(0, 1).to(out_dtype)
