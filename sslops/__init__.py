@@ -8,6 +8,7 @@ from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from .masking import block_masking, gather_tokens, random_masking, restore_tokens
 from . import augment
 from .attention import attention, attention_qkvpacked, attention_varlen
+from . import nn
 from .augment import AugmentParams, SSLViews, sample_params
 
 __version__ = "0.1.0"
@@ -31,4 +32,5 @@ __all__ = [
     "attention",
     "attention_qkvpacked",
     "attention_varlen",
+    "nn",
 ]

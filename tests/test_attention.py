@@ -662,3 +662,113 @@ def test_reference_varlen_masked_form_equals_loop():
         want = reference.attention_varlen(q, k, v, cu_q, cu_k, None, causal)
         got = reference._attention_varlen_masked(q, k, v, cu_q, cu_k, None, causal)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------
+# sslops.nn.Attention and patch_timm
+# ----------------------------------------------------------------------------------------
+def _timm():
+    return pytest.importorskip("timm")
+
+
+def _timm_attention(**kw):
+    _timm()
+    from timm.models.vision_transformer import Attention as TimmAttention
+
+    torch.manual_seed(0)
+    return TimmAttention(**kw)
+
+
+ATTN_CONFIGS = {
+    "vit": dict(dim=96, num_heads=3, qkv_bias=True),
+    "qk_norm": dict(dim=96, num_heads=3, qk_norm=True, norm_layer=torch.nn.LayerNorm),
+    "scale_norm+gated": dict(dim=64, num_heads=2, scale_norm=True, gated=True, norm_layer=torch.nn.LayerNorm),
+    "head_dim+dim_out": dict(dim=48, num_heads=2, attn_head_dim=40, dim_out=32, proj_bias=False),
+}
+
+
+@pytest.mark.parametrize("config", list(ATTN_CONFIGS))
+def test_nn_attention_is_a_timm_drop_in(config):
+    kw = ATTN_CONFIGS[config]
+    ref = _timm_attention(**kw).eval()
+    ours = sslops.nn.Attention(**kw).eval()
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 37, kw["dim"], generator=_gen(1), requires_grad=True)
+    for is_causal in (False, True):
+        want = ref(x, is_causal=is_causal)
+        got = ours(x, is_causal=is_causal)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        gw = torch.autograd.grad(want.square().sum(), [x, *ref.parameters()])
+        gg = torch.autograd.grad(got.square().sum(), [x, *ours.parameters()])
+        for a, b in zip(gg, gw):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_nn_attention_fallbacks_are_correct():
+    ref = _timm_attention(dim=64, num_heads=4, qkv_bias=True, attn_drop=0.3)
+    ours = sslops.nn.Attention(dim=64, num_heads=4, qkv_bias=True, attn_drop=0.3)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 17, 64, generator=_gen(2))
+    ref.fused_attn = False  # timm's explicit path: the same RNG use as ours under dropout
+    # dropout in training: explicit math, same dropout masks for the same seed
+    ref.train(), ours.train()
+    torch.manual_seed(5)
+    want = ref(x)
+    torch.manual_seed(5)
+    got = ours(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    ref.eval(), ours.eval()
+    bool_mask = torch.rand(2, 1, 17, 17, generator=_gen(3)) > 0.3
+    bool_mask[..., 0] = True  # every row sees a key
+    float_mask = torch.randn(2, 4, 17, 17, generator=_gen(4))
+    for mask in (bool_mask, float_mask):
+        torch.testing.assert_close(ours(x, attn_mask=mask), ref(x, attn_mask=mask), rtol=1e-6, atol=1e-6)
+        ref.fused_attn = True  # timm's SDPA path agrees as well
+        torch.testing.assert_close(ours(x, attn_mask=mask), ref(x, attn_mask=mask), rtol=1e-5, atol=1e-5)
+        ref.fused_attn = False
+    # weights for DINO's get_last_selfattention: softmax(q k^T * scale)
+    out, attn = ours(x, need_weights=True)
+    torch.testing.assert_close(out, ours(x), rtol=1e-5, atol=1e-5)
+    q, k, _ = ours.qkv(x).reshape(2, 17, 3, 4, 16).permute(2, 0, 3, 1, 4)
+    torch.testing.assert_close(attn, (q @ k.transpose(-2, -1) * 16 ** -0.5).softmax(-1))
+    assert ours(x, attn_mask=None, is_causal=True).shape == (2, 17, 64)
+
+
+def test_patch_timm_vit_tiny():
+    timm = _timm()
+    import copy
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    before = copy.deepcopy(model)
+    x = torch.randn(2, 3, 224, 224, generator=_gen(6))
+    params = dict(model.named_parameters())
+    patched = sslops.nn.patch_timm(model, backend="auto")
+    assert patched is model
+    n_patched = sum(isinstance(m, sslops.nn.Attention) for m in model.modules())
+    assert n_patched == len(model.blocks) == 12
+    assert dict(model.named_parameters()).keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())  # the same tensors: optimizers stay valid
+    # strict state-dict round trips, both ways
+    model.load_state_dict(before.state_dict(), strict=True)
+    before.load_state_dict(model.state_dict(), strict=True)
+    for m in (before, model):
+        m.train()
+    want = before(x)
+    got = model(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    want.square().sum().backward()
+    got.square().sum().backward()
+    ref_grads = dict(before.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[name].grad, rtol=1e-3, atol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_patch_timm_refuses_models_without_attention():
+    _timm()
+    with pytest.raises(ValueError, match="found no timm"):
+        sslops.nn.patch_timm(torch.nn.Linear(3, 3))
+    assert isinstance(sslops.nn.patch_timm(torch.nn.Linear(3, 3), strict=False), torch.nn.Linear)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sslops.nn.patch_timm(torch.nn.Linear(3, 3), backend="flash")
