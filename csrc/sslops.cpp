@@ -111,8 +111,9 @@ TORCH_LIBRARY(sslops, m) {
       "int max_seqlen_k, float scale, bool causal) -> (Tensor out, Tensor lse)");
   // Gradients of sum(grad_out * out) with respect to q, k, v (lse is not differentiable), from the forward's
   // out and lse; arguments as attention_fwd's, grad_out of out's shape (any strides).  dq, dk, dv have q's,
-  // k's, v's shapes and out's layout rule: dense (B, H, L, D) = contiguous (B, L, H, D) transposed, varlen
-  // contiguous (T, H, D).  Deterministic (no atomics).
+  // k's, v's shapes; each is contiguous when its input is (no layout copy in a leaf's AccumulateGrad), else
+  // dense (B, H, L, D) = contiguous (B, L, H, D) transposed (out's layout), varlen contiguous (T, H, D).
+  // Deterministic (no atomics).
   m.def(
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal) "

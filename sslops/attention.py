@@ -59,7 +59,8 @@ def _fake_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, s
 
 
 def _grad_like(x: Tensor, varlen: bool) -> Tensor:
-    if varlen:
+    # contiguous where x is, else (dense) a contiguous (B, L, H, D) transposed: csrc/common/attention_host.h
+    if varlen or x.is_contiguous():
         return x.new_empty(x.shape)
     B, H, L, D = x.shape
     return x.new_empty((B, L, H, D)).transpose(1, 2)

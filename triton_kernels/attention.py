@@ -28,9 +28,9 @@ Kernels
 
 Layouts (the contract of csrc/sslops.cpp)
 -----------------------------------------
-dense:  q (B, H, Lq, D), k/v (B, H, Lk, D), any strides; out/dq/dk/dv are
-        contiguous (B, L, H, D) buffers returned transposed to (B, H, L, D);
-        lse (B, H, Lq) fp32.
+dense:  q (B, H, Lq, D), k/v (B, H, Lk, D), any strides; out is a contiguous
+        (B, L, H, D) buffer returned transposed to (B, H, L, D); dq/dk/dv are
+        contiguous where q/k/v are, else laid out like out; lse (B, H, Lq) fp32.
 varlen: q (Tq, H, D), k/v (Tk, H, D), cu_seqlens int32 (N + 1,); out (Tq, H, D)
         contiguous, lse (H, Tq) fp32.  The grid's query-block axis is sized by
         max_seqlen_q (programs past their sequence's end return at once).
@@ -414,6 +414,13 @@ def _new_like_out(x: torch.Tensor, varlen: bool) -> torch.Tensor:
     return new_output(B, L, H, D, like=x).transpose(1, 2)
 
 
+def _new_grad(x: torch.Tensor, varlen: bool) -> torch.Tensor:
+    # contiguous where x is (no layout copy in a leaf's AccumulateGrad), else like out
+    if x.is_contiguous():
+        return new_output(*x.shape, like=x)
+    return _new_like_out(x, varlen)
+
+
 def _geometry(q, k, cu_q, max_seqlen_q, max_seqlen_k):
     varlen = cu_q is not None
     if varlen:
@@ -470,7 +477,7 @@ def attention_bwd(
     assert (cu_seqlens_q is None) == (cu_seqlens_k is None)
     assert grad_out.shape == q.shape and out.shape == q.shape
     varlen, N, H, D, max_q, max_k, Lq, Lk = _geometry(q, k, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
-    dq, dk, dv = _new_like_out(q, varlen), _new_like_out(k, varlen), _new_like_out(v, varlen)
+    dq, dk, dv = _new_grad(q, varlen), _new_grad(k, varlen), _new_grad(v, varlen)
     if N * H == 0 or q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if max_q == 0:  # no query anywhere: every key's gradient is 0

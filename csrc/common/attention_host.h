@@ -7,7 +7,8 @@
 //   dense  (no cu_seqlens): q (B, H, Lq, D), k, v (B, H, Lk, D), any strides.
 //          out (B, H, Lq, D) = a contiguous (B, Lq, H, D) buffer transposed:
 //          out.transpose(1, 2).reshape(B, Lq, H * D) is a view.
-//          lse (B, H, Lq) contiguous.  dq, dk, dv: like out, with q's, k's, v's shapes.
+//          lse (B, H, Lq) contiguous.  dq, dk, dv: contiguous where q, k, v are,
+//          else like out (contiguous (B, L, H, D) transposed).
 //   varlen (cu_seqlens_q and cu_seqlens_k): q (Tq, H, D), k, v (Tk, H, D),
 //          cu_seqlens int32 (N + 1,), FlashAttention's convention.
 //          out (Tq, H, D) contiguous; lse (H, Tq) contiguous; dq, dk, dv contiguous.
@@ -127,10 +128,12 @@ inline std::tuple<at::Tensor, at::Tensor> new_forward_outputs(const at::Tensor& 
   return {out, new_output({d.batch, d.heads, d.lq}, lse_opts)};
 }
 
-// A gradient buffer for input x: dense (B, H, L, D) as a contiguous
-// (B, L, H, D) transposed, varlen contiguous (T, H, D).
+// A gradient buffer for input x: contiguous when x is (so a leaf's
+// AccumulateGrad keeps it without a layout copy); otherwise dense (B, H, L, D)
+// as a contiguous (B, L, H, D) transposed (what slices of a packed qkv want:
+// their unbind backward stacks them), varlen contiguous (T, H, D).
 inline at::Tensor new_grad(const at::Tensor& x, const Dims& d) {
-  if (d.varlen) return new_output({x.size(0), x.size(1), x.size(2)}, x.options());
+  if (d.varlen || x.is_contiguous()) return new_output(x.sizes(), x.options());
   return new_output({x.size(0), x.size(2), x.size(1), x.size(3)}, x.options()).transpose(1, 2);
 }
 

@@ -60,11 +60,16 @@ using attention_cpu::RowOps;
 
 // Tile sizes.  A forward task holds a (kQBlock x kKvTile) score tile; the
 // backward, two of (kQBlockBwd x kKvTileBwd).  With D = 64 fp32 both stay
-// well inside a 1 MB L2 together with their Q/K/V/dO rows.
+// inside a 1 MB L2 together with their Q/K/V/dO rows.  Rows and keys are cut
+// into equal blocks (even_block), so ViT lengths are one key tile and one or
+// two query blocks.  At those lengths the time goes to the BLAS (~60 % in
+// MKL's sgemm kernel, ~10 % in its packing): query blocks of 64 to 256 rows
+// measured within 5 % of each other (Zen 4, one thread, B = 16, H = 12, D = 64,
+// L = 197 and 257); 192 in the backward keeps L = 257 at two blocks.
 constexpr int64_t kQBlock = 128;
 constexpr int64_t kKvTile = 512;
-constexpr int64_t kQBlockBwd = 128;
-constexpr int64_t kKvTileBwd = 256;
+constexpr int64_t kQBlockBwd = 192;
+constexpr int64_t kKvTileBwd = 384;  // L <= 384 (ViT-L/14 at 336: 577 is two) in one tile
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -295,9 +300,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       std::fill(m, m + rn, am::neg_inf<T>());
       std::fill(l, l + rn, T(0));
       const int64_t kv_stop = causal ? std::min(Lk, r0 + rn) : Lk;
+      const int64_t kvt = even_block(Lk, kKvTile);  // 600 keys -> 2 x 300, not 512 + 88
       bool first = true;
-      for (int64_t c0 = 0; c0 < kv_stop; c0 += kKvTile) {
-        const int64_t cn = std::min(kKvTile, kv_stop - c0);
+      for (int64_t c0 = 0; c0 < kv_stop; c0 += kvt) {
+        const int64_t cn = std::min(kvt, kv_stop - c0);
         const int64_t ld = cn;  // dense tile: better cache use than a fixed stride
         gemm(false, true, rn, cn, D, scale, Qi, Q.rs, K.p + c0 * K.rs, K.rs, T(0), S, ld);
         for (int64_t i = 0; i < rn; ++i) val[i] = am::tile_valid(r0 + i, c0, cn, Lk, causal);
@@ -348,7 +354,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   for (int64_t b = 0; b < dims.batch; ++b) {
     const int64_t Lq = lq.length(b), Lk = lk.length(b);
     max_lq = std::max(max_lq, Lq);
-    const int64_t tiles = std::max<int64_t>(1, ceil_div(Lk, kKvTileBwd));
+    const int64_t kvt = even_block(Lk, kKvTileBwd);  // key tile (the task recomputes it)
+    const int64_t tiles = std::max<int64_t>(1, ceil_div(Lk, kvt));
     int64_t chunks = 1;
     if (n_pairs < 2 * threads && Lq > 0) chunks = std::min(tiles, ceil_div(2 * threads, n_pairs));
     const int64_t tiles_per = ceil_div(tiles, chunks);
@@ -357,11 +364,11 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     partial_base[b + 1] = partial_base[b] + (chunks > 1 ? chunks * H * Lq : 0);
     for (int64_t h = 0; h < H; ++h)
       for (int64_t c = 0; c < chunks; ++c) {
-        const int64_t k0 = c * tiles_per * kKvTileBwd, k1 = std::min(Lk, (c + 1) * tiles_per * kKvTileBwd);
+        const int64_t k0 = c * tiles_per * kvt, k1 = std::min(Lk, (c + 1) * tiles_per * kvt);
         // visible (query, key) pairs of the range
         double pairs = 0;
-        for (int64_t j0 = k0; j0 < k1; j0 += kKvTileBwd)
-          pairs += double(std::min(kKvTileBwd, k1 - j0)) * double(causal ? std::max<int64_t>(0, Lq - j0) : Lq);
+        for (int64_t j0 = k0; j0 < k1; j0 += kvt)
+          pairs += double(std::min(kvt, k1 - j0)) * double(causal ? std::max<int64_t>(0, Lq - j0) : Lq);
         tasks.push_back({b * H + h, k0, std::max(k0, k1), c, pairs + double(Lq + 8)});
       }
   }
@@ -372,7 +379,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   const Gemm<T> gemm;
   run_tasks(static_cast<int64_t>(tasks.size()), [&] {
     return [&, ws = std::vector<T>(2 * kQBlockBwd * kKvTileBwd + max_lq + 8),
-            valid = std::vector<int64_t>(kQBlockBwd)](int64_t t) mutable {
+            valid = std::vector<int64_t>(kQBlockBwd),
+            dq_done = std::vector<char>(max_lq + 1)](int64_t t) mutable {
       const Task& task = tasks[t];
       const int64_t s = task.s, b = s / H, h = s % H;
       const int64_t Lq = lq.length(b), Lk = lk.length(b);
@@ -387,23 +395,27 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       if (n_chunks[b] > 1) dQ = {partial.data() + (partial_base[b] + (h * n_chunks[b] + task.chunk) * Lq) * D, D};
       const T* lse_s = lse_rows(lp, lq, dims.lq, s);
 
-      for (int64_t i = 0; i < Lq; ++i) std::fill(dQ.p + i * dQ.rs, dQ.p + i * dQ.rs + D, T(0));
-      for (int64_t j = k0; j < k1; ++j) {
-        std::fill(dK.p + j * dK.rs, dK.p + j * dK.rs + D, T(0));
-        std::fill(dV.p + j * dV.rs, dV.p + j * dV.rs + D, T(0));
-      }
-      if (k1 <= k0 || Lq == 0) return;
+      auto zero_rows = [D](const Mat<T>& m, int64_t r0, int64_t r1) {
+        for (int64_t i = r0; i < r1; ++i) std::fill(m.p + i * m.rs, m.p + i * m.rs + D, T(0));
+      };
       const int64_t qb = even_block(Lq, kQBlockBwd);
+      const int64_t n_qblocks = Lq > 0 ? ceil_div(Lq, qb) : 0;
+      // Outputs are written by their first GEMM (beta = 0) and accumulated
+      // after (beta = 1): no zero-fill pass, except for rows no visible pair
+      // reaches (zeroed at the end).  dq_done: per query block; kv_done: the
+      // prefix of the current key tile written so far.
+      std::fill(dq_done.begin(), dq_done.begin() + n_qblocks, char(0));
       const int64_t q_first = causal ? (k0 / qb) * qb : 0;
-      if (q_first < Lq) ops.row_dots(dO.p + q_first * dO.rs, dO.rs, O.p + q_first * O.rs, O.rs, Lq - q_first, D,
-                                     delta + q_first);
+      if (k1 > k0 && q_first < Lq)
+        ops.row_dots(dO.p + q_first * dO.rs, dO.rs, O.p + q_first * O.rs, O.rs, Lq - q_first, D, delta + q_first);
 
-      for (int64_t c0 = k0; c0 < k1; c0 += kKvTileBwd) {
-        const int64_t cn_tile = std::min(kKvTileBwd, k1 - c0);
+      const int64_t kvt = even_block(Lk, kKvTileBwd);  // as in the task list
+      for (int64_t c0 = k0; c0 < k1; c0 += kvt) {
+        const int64_t cn_tile = std::min(kvt, k1 - c0);
         const T* Kt = K.p + c0 * K.rs;
         const T* Vt = V.p + c0 * V.rs;
-        T* dKt = dK.p + c0 * dK.rs;
-        T* dVt = dV.p + c0 * dV.rs;
+        const Mat<T> dKt{dK.p + c0 * dK.rs, dK.rs}, dVt{dV.p + c0 * dV.rs, dV.rs};
+        int64_t kv_done = 0;
         for (int64_t r0 = causal ? (c0 / qb) * qb : 0; r0 < Lq; r0 += qb) {
           const int64_t rn = std::min(qb, Lq - r0);
           if (!am::tile_live(r0, rn, c0, cn_tile, Lk, causal)) continue;
@@ -413,16 +425,33 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const T* Qi = Q.p + r0 * Q.rs;
           const T* dOi = dO.p + r0 * dO.rs;
           T* dQi = dQ.p + r0 * dQ.rs;
+          // beta for dK/dV: 0 on a fresh tile; a causal tile grows its written
+          // prefix block by block (zero the new keys, then accumulate)
+          T kv_beta = T(1);
+          if (kv_done == 0) {
+            kv_beta = T(0);
+          } else if (cn > kv_done) {
+            zero_rows(dKt, kv_done, cn);
+            zero_rows(dVt, kv_done, cn);
+          }
+          kv_done = std::max(kv_done, cn);
+          char& q_written = dq_done[r0 / qb];
+          const T q_beta = q_written ? T(1) : T(0);
+          q_written = 1;
           gemm(false, true, rn, cn, D, scale, Qi, Q.rs, Kt, K.rs, T(0), S, ld);          // S = scale Q K^T
           for (int64_t i = 0; i < rn; ++i) val[i] = am::tile_valid(r0 + i, c0, cn, Lk, causal);
           ops.prob_tile(S, ld, rn, cn, val, lse_s + r0);                                 // P
-          gemm(true, false, cn, D, rn, T(1), S, ld, dOi, dO.rs, T(1), dVt, dV.rs);       // dV += P^T dO
+          gemm(true, false, cn, D, rn, T(1), S, ld, dOi, dO.rs, kv_beta, dVt.p, dV.rs);  // dV += P^T dO
           gemm(false, true, rn, cn, D, T(1), dOi, dO.rs, Vt, V.rs, T(0), dP, ld);        // dP = dO V^T
           ops.dscore_tile(dP, ld, S, ld, rn, cn, delta + r0);                            // dS
-          gemm(false, false, rn, D, cn, scale, dP, ld, Kt, K.rs, T(1), dQi, dQ.rs);      // dQ += scale dS K
-          gemm(true, false, cn, D, rn, scale, dP, ld, Qi, Q.rs, T(1), dKt, dK.rs);       // dK += scale dS^T Q
+          gemm(false, false, rn, D, cn, scale, dP, ld, Kt, K.rs, q_beta, dQi, dQ.rs);    // dQ += scale dS K
+          gemm(true, false, cn, D, rn, scale, dP, ld, Qi, Q.rs, kv_beta, dKt.p, dK.rs);  // dK += scale dS^T Q
         }
+        zero_rows(dKt, kv_done, cn_tile);  // keys no query sees
+        zero_rows(dVt, kv_done, cn_tile);
       }
+      for (int64_t blk = 0; blk < n_qblocks; ++blk)  // queries that see no key of the range
+        if (!dq_done[blk]) zero_rows(dQ, blk * qb, std::min(Lq, (blk + 1) * qb));
     };
   });
 
@@ -507,9 +536,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const auto out = rows_readable(out_in.detach(), dims.varlen);
   const auto dout = rows_readable(dout_in.detach(), dims.varlen);
   const auto lse = lse_in.detach().contiguous();
-  auto dq = am::new_grad(q, dims);
-  auto dk = am::new_grad(k, dims);
-  auto dv = am::new_grad(v, dims);
+  auto dq = am::new_grad(q_in, dims);  // layouts follow the caller's tensors (as the fake kernel does)
+  auto dk = am::new_grad(k_in, dims);
+  auto dv = am::new_grad(v_in, dims);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_bwd_cpu", [&] {
     backward<scalar_t>(dout, q, k, v, out, lse, dims.varlen ? oq.data() : nullptr, dims.varlen ? ok.data() : nullptr,
                        dims, scale, causal, dq, dk, dv);
