@@ -2,16 +2,21 @@
 // Kernels are registered per device in csrc/cpu/*.cpp (CPU) and
 // csrc/cuda/*.cu (CUDA); fake (meta) kernels and autograd are registered in
 // Python (sslops/<op>.py).  A CPU-only build simply lacks the CUDA kernels.
+// The CUDA emulator compiles this file again with SSLOPS_NS=sslops_emu
+// (common/library.h): the same schemas, defined once, in its own namespace.
 #include <Python.h>
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "common/library.h"
+
 #ifndef SSLOPS_WITH_CUDA
 #define SSLOPS_WITH_CUDA 0
 #endif
 
+#ifndef SSLOPS_EMU
 extern "C" {
 // `import sslops._C` loads this shared object, which runs the static
 // registrations below; the module itself is empty.
@@ -20,6 +25,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 namespace sslops {
 static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
@@ -29,16 +35,18 @@ static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
 // op of its own so that its autograd can use nt_xent_lse_backward_sym.
 static at::Tensor nt_xent_lse_sym(const at::Tensor& z, double inv_temp) {
   TORCH_CHECK(z.dim() == 2, "sslops::nt_xent_lse_sym: z must be 2-D (M, D), got shape ", z.sizes());
-  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sslops::nt_xent_lse", "").typed<
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow(SSLOPS_QUALIFIED("nt_xent_lse"), "").typed<
       at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, double)>();
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is this op's, not nt_xent_lse's
   return op.call(z, z, at::arange(z.size(0), z.options().dtype(at::kLong)), inv_temp);
 }
+#ifndef SSLOPS_EMU
 // csrc/cpu/attention.cpp: the CPU row-loop build attention uses now.
 std::string attention_cpu_isa();
+#endif
 }  // namespace sslops
 
-TORCH_LIBRARY(sslops, m) {
+SSLOPS_LIBRARY(m) {
   // Whether this build compiled the CUDA kernels.
   m.def("_cuda_built() -> bool", &sslops::cuda_built);
 
@@ -118,10 +126,12 @@ TORCH_LIBRARY(sslops, m) {
       "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
       "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal) "
       "-> (Tensor dq, Tensor dk, Tensor dv)");
+#ifndef SSLOPS_EMU
   // Test hook: the CPU row-loop build (DEFAULT, AVX2, AVX512) attention uses now (SSLOPS_CPU_ISA caps it).
   m.def("_attention_cpu_isa() -> str", &sslops::attention_cpu_isa);
+#endif
 }
 
-TORCH_LIBRARY_IMPL(sslops, CompositeExplicitAutograd, m) {
+SSLOPS_LIBRARY_IMPL(CompositeExplicitAutograd, m) {
   m.impl("nt_xent_lse_sym", &sslops::nt_xent_lse_sym);
 }

@@ -40,6 +40,7 @@
 
 #include "common/augment.h"
 #include "common/augment_host.h"
+#include "cuda/ptx.cuh"
 
 namespace sslops {
 namespace augment {
@@ -204,7 +205,7 @@ __global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
   const int64_t n = blockIdx.x;
   const int band = blockIdx.y;
   const JitterPlan plan = view_plan(a, n);
-  __shared__ float warp_sums[kThreads / 32];
+  SSLOPS_SHARED(float, warp_sums, [kThreads / 32]);
   float acc = 0.0f;
   if (plan.contrast) {  // block-uniform
     const Crop c = view_crop(a, n);
@@ -233,7 +234,7 @@ __global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
 // ---- 3. the views ----
 template <typename in_t, typename out_t>
 __global__ void main_kernel(Args a, const in_t* __restrict__ src, out_t* __restrict__ out) {
-  extern __shared__ float smem[];
+  SSLOPS_DYNAMIC_SHARED(float, smem, 16);
   const int64_t n = blockIdx.x;
   const int S = a.S;
   const int tiles_x = (S + kTile - 1) / kTile;
@@ -312,9 +313,9 @@ template <typename in_t, typename out_t>
 void launch(const Args& a, int64_t N, const at::Tensor& images, at::Tensor& out, cudaStream_t stream) {
   const in_t* src = images.data_ptr<in_t>();
   out_t* dst = out.data_ptr<out_t>();
-  prep_kernel<<<static_cast<unsigned>(N), kThreads, 0, stream>>>(a);
+  SSLOPS_LAUNCH(prep_kernel, static_cast<unsigned>(N), kThreads, 0, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  contrast_kernel<in_t><<<dim3(static_cast<unsigned>(N), a.bands), kThreads, 0, stream>>>(a, src);
+  SSLOPS_LAUNCH(contrast_kernel<in_t>, dim3(static_cast<unsigned>(N), a.bands), kThreads, 0, stream, a, src);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem = blur_smem_bytes(a.K);
   auto kernel = main_kernel<in_t, out_t>;
@@ -322,7 +323,8 @@ void launch(const Args& a, int64_t N, const at::Tensor& images, at::Tensor& out,
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   const unsigned tiles = static_cast<unsigned>(ceil_div(a.S, kTile) * ceil_div(a.S, kTile));
-  kernel<<<dim3(static_cast<unsigned>(N), tiles), kThreads, smem, stream>>>(a, src, dst);
+  SSLOPS_LAUNCH((main_kernel<in_t, out_t>), dim3(static_cast<unsigned>(N), tiles), kThreads, smem, stream, a, src,
+                dst);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -354,7 +356,7 @@ at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& crop, const 
   const Params p{crop, flip, jitter, brightness, contrast_f, saturation, hue_f, order, grayscale, blur_sigma,
                  solarize_f};
   const Config cfg = check_inputs(images, p, size, kernel_size, antialias, mean, std, out_dtype, channels_last, op);
-  TORCH_CHECK(images.is_cuda(), op, ": expected CUDA tensors, got images on ", images.device());
+  TORCH_CHECK(on_cuda_device(images), op, ": expected CUDA tensors, got images on ", images.device());
   const c10::cuda::CUDAGuard guard(images.device());
   auto out = new_views(cfg, images);
   const int64_t N = cfg.N;
@@ -439,6 +441,6 @@ at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& crop, const 
 }  // namespace
 }  // namespace augment
 
-TORCH_LIBRARY_IMPL(sslops, CUDA, m) { m.impl("augment", &augment::augment_cuda); }
+SSLOPS_CUDA_LIBRARY_IMPL(m) { m.impl("augment", &augment::augment_cuda); }
 
 }  // namespace sslops

@@ -32,6 +32,7 @@
 
 #include "common/masking.h"
 #include "common/output.h"
+#include "cuda/ptx.cuh"
 
 namespace sslops {
 namespace {
@@ -135,11 +136,11 @@ void launch_gather(const at::Tensor& x, const at::Tensor& ids, const at::Tensor&
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t N = x.size(1) - P;
   if (pos.defined()) {
-    gather_kernel<scalar_t, index_t, VEC, true><<<shape.grid, shape.block, 0, stream>>>(
+    SSLOPS_LAUNCH((gather_kernel<scalar_t, index_t, VEC, true>), shape.grid, shape.block, 0, stream,
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), ids.data_ptr<index_t>(), ids.stride(0), ids.stride(1),
         pos.data_ptr<scalar_t>(), batch_stride(pos), pos.stride(1), out.data_ptr<scalar_t>(), rows, R, P, N, D);
   } else {
-    gather_kernel<scalar_t, index_t, VEC, false><<<shape.grid, shape.block, 0, stream>>>(
+    SSLOPS_LAUNCH((gather_kernel<scalar_t, index_t, VEC, false>), shape.grid, shape.block, 0, stream,
         x.data_ptr<scalar_t>(), x.stride(0), x.stride(1), ids.data_ptr<index_t>(), ids.stride(0), ids.stride(1),
         nullptr, 0, 0, out.data_ptr<scalar_t>(), rows, R, P, N, D);
   }
@@ -163,7 +164,7 @@ at::Tensor gather_tokens_cuda(const at::Tensor& x_in, const at::Tensor& ids, con
                               int64_t num_prefix) {
   const char* op = "sslops::gather_tokens";
   masking::check_gather(x_in, ids, pos_in, num_prefix, op);
-  TORCH_CHECK(x_in.is_cuda(), op, ": expected CUDA tensors, got x on ", x_in.device());
+  TORCH_CHECK(on_cuda_device(x_in), op, ": expected CUDA tensors, got x on ", x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
   const auto x = dense_rows(x_in);
   const at::Tensor pos = pos_in.has_value() ? dense_rows(*pos_in) : at::Tensor();
@@ -219,8 +220,8 @@ template <typename scalar_t, typename index_t, int VEC>
 void launch_scatter(const at::Tensor& grad, const at::Tensor& ids, int64_t P, at::Tensor& grad_x) {
   const int64_t B = grad_x.size(0), L = grad_x.size(1), D = grad_x.size(2), rows = B * L;
   const auto shape = row_shape(rows, D / VEC);
-  scatter_kernel<scalar_t, index_t, VEC><<<shape.grid, shape.block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<index_t>(), ids.stride(0),
+  SSLOPS_LAUNCH((scatter_kernel<scalar_t, index_t, VEC>), shape.grid, shape.block, 0,
+                at::cuda::getCurrentCUDAStream(), grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<index_t>(), ids.stride(0),
       ids.stride(1), grad_x.data_ptr<scalar_t>(), rows, L, P, ids.size(1), D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -229,7 +230,7 @@ at::Tensor gather_tokens_backward_cuda(const at::Tensor& grad_in, const at::Tens
                                        int64_t num_prefix) {
   const char* op = "sslops::gather_tokens_backward";
   masking::check_gather_backward(grad_in, ids, seq_len, num_prefix, op);
-  TORCH_CHECK(grad_in.is_cuda(), op, ": expected CUDA tensors, got grad on ", grad_in.device());
+  TORCH_CHECK(on_cuda_device(grad_in), op, ": expected CUDA tensors, got grad on ", grad_in.device());
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto grad = dense_rows(grad_in);
   auto grad_x = new_output({grad.size(0), seq_len, grad.size(2)}, grad.options());
@@ -278,8 +279,8 @@ template <typename scalar_t, typename index_t, int VEC>
 void launch_restore(const at::Tensor& xv, const at::Tensor& ids, const at::Tensor& mt, int64_t P, at::Tensor& out) {
   const int64_t B = out.size(0), R = out.size(1), D = out.size(2), rows = B * R;
   const auto shape = row_shape(rows, D / VEC);
-  restore_kernel<scalar_t, index_t, VEC><<<shape.grid, shape.block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      xv.data_ptr<scalar_t>(), xv.stride(0), xv.stride(1), ids.data_ptr<index_t>(), ids.stride(0), ids.stride(1),
+  SSLOPS_LAUNCH((restore_kernel<scalar_t, index_t, VEC>), shape.grid, shape.block, 0,
+                at::cuda::getCurrentCUDAStream(), xv.data_ptr<scalar_t>(), xv.stride(0), xv.stride(1), ids.data_ptr<index_t>(), ids.stride(0), ids.stride(1),
       mt.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), rows, R, P, xv.size(1) - P, ids.size(1), D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -288,7 +289,7 @@ at::Tensor restore_tokens_cuda(const at::Tensor& xv_in, const at::Tensor& ids, c
                                int64_t num_prefix) {
   const char* op = "sslops::restore_tokens";
   masking::check_restore(xv_in, ids, mt_in, num_prefix, op);
-  TORCH_CHECK(xv_in.is_cuda(), op, ": expected CUDA tensors, got x_visible on ", xv_in.device());
+  TORCH_CHECK(on_cuda_device(xv_in), op, ": expected CUDA tensors, got x_visible on ", xv_in.device());
   const c10::cuda::CUDAGuard guard(xv_in.device());
   const auto xv = dense_rows(xv_in);
   const auto mt = mt_in.contiguous();
@@ -363,8 +364,8 @@ void launch_restore_backward(const at::Tensor& grad, const at::Tensor& ids, int6
                              at::Tensor& partial) {
   const int64_t B = grad.size(0), D = grad.size(2), C = partial.size(1), rows = B * (P + K + C);
   const auto shape = row_shape(rows, D / VEC);
-  restore_backward_kernel<scalar_t, index_t, VEC><<<shape.grid, shape.block, 0, at::cuda::getCurrentCUDAStream()>>>(
-      grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<index_t>(), ids.stride(0),
+  SSLOPS_LAUNCH((restore_backward_kernel<scalar_t, index_t, VEC>), shape.grid, shape.block, 0,
+                at::cuda::getCurrentCUDAStream(), grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), ids.data_ptr<index_t>(), ids.stride(0),
       ids.stride(1), gxv.data_ptr<scalar_t>(), partial.data_ptr<at::opmath_type<scalar_t>>(), rows, P, K,
       ids.size(1), C, D);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -374,7 +375,7 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
                                                                 int64_t num_visible, int64_t num_prefix) {
   const char* op = "sslops::restore_tokens_backward";
   masking::check_restore_backward(grad_in, ids, num_visible, num_prefix, op);
-  TORCH_CHECK(grad_in.is_cuda(), op, ": expected CUDA tensors, got grad on ", grad_in.device());
+  TORCH_CHECK(on_cuda_device(grad_in), op, ": expected CUDA tensors, got grad on ", grad_in.device());
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const auto grad = dense_rows(grad_in);
   const int64_t B = grad.size(0), D = grad.size(2);
@@ -404,7 +405,7 @@ std::tuple<at::Tensor, at::Tensor> restore_tokens_backward_cuda(const at::Tensor
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sslops, CUDA, m) {
+SSLOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("gather_tokens", &gather_tokens_cuda);
   m.impl("gather_tokens_backward", &gather_tokens_backward_cuda);
   m.impl("restore_tokens", &restore_tokens_cuda);

@@ -107,6 +107,7 @@
 #include "common/checks.h"
 #include "common/nt_xent.h"
 #include "common/output.h"
+#include "cuda/ptx.cuh"
 
 // WMMA bf16 fragments and cp.async exist from sm_80 on.  (The host pass sees
 // every device code path; device passes for older GPUs compile a trap instead.)
@@ -214,21 +215,12 @@ struct alignas(16) Vec16 {
 // Asynchronous copies (sm_80+; plain loads otherwise)
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ void copy16_async(void* smem_dst, const void* gmem_src) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
-#else
-  *static_cast<uint4*>(smem_dst) = *static_cast<const uint4*>(gmem_src);
-#endif
+  ptx::cp_async_cg16(smem_dst, gmem_src);
 }
 
 // Waits for every cp.async this thread issued (a __syncthreads must follow
 // before other threads read the data).
-__device__ __forceinline__ void copy_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void copy_async_wait_all() { ptx::cp_async_wait_all(); }
 
 // Stage rows [row0, row0 + 64) x columns [k0, k0 + kc_pad) of the row-major
 // (n_rows, D) matrix src into dst (row stride Geo::LD).  Elements outside
@@ -582,7 +574,7 @@ __device__ __forceinline__ void tile_kernel_body(const TileArgs<scalar_t>& p) {
   using acc_t = typename G::acc_t;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  SSLOPS_DYNAMIC_SHARED(unsigned char, smem, 128);
   T* const xs = reinterpret_cast<T*>(smem + G::kOffX);
   acc_t* const ss = reinterpret_cast<acc_t*>(smem + G::kOffS);
   T* const wt = reinterpret_cast<T*>(smem + G::kOffS);  // W aliases the logit tile
@@ -804,7 +796,7 @@ __global__ void grad_reduce_kernel(const acc_t* ws, int n_split, int64_t n, cons
 // Argument checks: the device-independent ones are shared with the CPU kernels
 // (common/checks.h); these are the CUDA kernels' own.
 void check_cuda_input(const at::Tensor& t, const char* name, const char* op) {
-  TORCH_CHECK(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
+  TORCH_CHECK(on_cuda_device(t), op, ": ", name, " must be a CUDA tensor, got device ", t.device());
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name,
               " must be float32, float64, float16 or bfloat16, got ", dt);
@@ -884,10 +876,10 @@ void run_forward(const at::Tensor& x, const at::Tensor& y, const at::Tensor& exc
   a.ws_m = ws[0].data_ptr<acc_t>();
   a.ws_l = ws[1].data_ptr<acc_t>();
   auto stream = at::cuda::getCurrentCUDAStream();
-  nt_xent_tile_kernel<scalar_t, false><<<grid, kThreads, Geo<scalar_t>::kSmemBytes, stream>>>(a);
+  SSLOPS_LAUNCH((nt_xent_tile_kernel<scalar_t, false>), grid, kThreads, Geo<scalar_t>::kSmemBytes, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  lse_reduce_kernel<acc_t><<<reduce_blocks(a.nx), 256, 0, stream>>>(a.ws_m, a.ws_l, static_cast<int>(grid.z), a.nx,
-                                                                     lse.data_ptr<acc_t>());
+  SSLOPS_LAUNCH(lse_reduce_kernel<acc_t>, reduce_blocks(a.nx), 256, 0, stream, a.ws_m, a.ws_l,
+                static_cast<int>(grid.z), a.nx, lse.data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -908,11 +900,11 @@ at::Tensor run_backward(const at::Tensor& x, const at::Tensor& y, int mode, cons
   a.ws_out = ws.data_ptr<acc_t>();
   at::Tensor out = new_output_like(x);  // every element is written by grad_reduce_kernel
   auto stream = at::cuda::getCurrentCUDAStream();
-  nt_xent_tile_kernel<scalar_t, true><<<grid, kThreads, Geo<scalar_t>::kSmemBytes, stream>>>(a);
+  SSLOPS_LAUNCH((nt_xent_tile_kernel<scalar_t, true>), grid, kThreads, Geo<scalar_t>::kSmemBytes, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t n = a.nx * int64_t(a.d);
-  grad_reduce_kernel<scalar_t, acc_t><<<reduce_blocks(n), 256, 0, stream>>>(
-      a.ws_out, static_cast<int>(grid.z), n, a.gmax, a.inv_temp, out.data_ptr<scalar_t>());
+  SSLOPS_LAUNCH((grad_reduce_kernel<scalar_t, acc_t>), reduce_blocks(n), 256, 0, stream, a.ws_out,
+                static_cast<int>(grid.z), n, a.gmax, a.inv_temp, out.data_ptr<scalar_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -993,7 +985,7 @@ at::Tensor nt_xent_lse_backward_sym_cuda(const at::Tensor& grad_lse_in, const at
 }  // namespace
 }  // namespace sslops
 
-TORCH_LIBRARY_IMPL(sslops, CUDA, m) {
+SSLOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("nt_xent_lse", &sslops::nt_xent_lse_cuda);
   m.impl("nt_xent_lse_backward", &sslops::nt_xent_lse_backward_cuda);
   m.impl("nt_xent_lse_backward_sym", &sslops::nt_xent_lse_backward_sym_cuda);
