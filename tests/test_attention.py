@@ -233,6 +233,25 @@ def test_qkvpacked_returns_a_view_of_the_kernel_output():
     assert lse.shape == (2, 2, 17) and lse.is_contiguous() and lse.dtype == torch.float32
 
 
+def test_gradient_layouts():
+    """Contiguous inputs get contiguous gradients (a leaf's AccumulateGrad keeps them
+    without a copy); slices of a packed qkv get (B, L, H, D) buffers (their unbind
+    backward stacks them)."""
+    if "cpu" not in CPU_BACKENDS:
+        pytest.skip("needs the compiled CPU kernel")
+    q = torch.randn(2, 3, 17, 8)
+    x = torch.randn(2, 17, 3, 3, 8)
+    qs, ks, vs = (t.transpose(1, 2) for t in x.unbind(2))
+    for args, contiguous in (((q, q, q), True), ((qs, ks, vs), False)):
+        out, lse = torch.ops.sslops.attention_fwd(*args, None, None, 17, 17, 0.3, False)
+        grads = torch.ops.sslops.attention_bwd(out, *args, out, lse, None, None, 17, 17, 0.3, False)
+        for g in grads:
+            assert g.is_contiguous() == contiguous and g.transpose(1, 2).is_contiguous() != contiguous
+    leaf = q.clone().requires_grad_()
+    sslops.attention(leaf, q, q, backend="cpu").sum().backward()
+    assert leaf.grad.is_contiguous()
+
+
 def _varlen_case(lens_q, lens_k, H=2, D=16, seed=0):
     g = _gen(seed)
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0).tolist()), dtype=torch.int32)
