@@ -21,10 +21,20 @@
 //
 // Forward, one query row, keys visited in tiles (online softmax):
 //     state (m, l) = (-inf, 0)
-//     per tile: m' = max(m, max_j s_j);  alpha = rescale(m, m');  p_j = exp_shifted(s_j, m')
+//     per tile: m' = max(m, max_j s_j);  alpha = rescale(m, m');  p_j = exp(s_j - safe_shift(m'))
 //               l = alpha * l + sum_j p_j;  acc = alpha * acc + sum_j p_j v_j;  m = m'
 //     end:      o = acc * out_scale(l);  lse = lse_finalize(m, l)
-// Backward, with the saved lse:  p_ij = exp_shifted(s_ij, bwd_shift(lse_i)).
+// Backward, with the saved lse:  p_ij = exp(s_ij - bwd_shift(lse_i)) for visible (i, j), else 0;
+//     ds_ij = dscore(p_ij, dp_ij, delta_i),  delta_i accumulated with delta_step.
+//
+// Layout contract of the ops that use this math (sslops::attention_fwd/bwd;
+// schemas in csrc/sslops.cpp, allocation in csrc/common/attention_host.h):
+//   dense  q (B, H, Lq, D), k/v (B, H, Lk, D), any strides.  out (B, H, Lq, D)
+//          is a contiguous (B, Lq, H, D) buffer transposed; lse (B, H, Lq)
+//          contiguous; dq/dk/dv contiguous where q/k/v are, else like out.
+//   varlen q (Tq, H, D), k/v (Tk, H, D), cu_seqlens int32 (N + 1,)
+//          (FlashAttention's); out, dq/dk/dv contiguous; lse (H, Tq) contiguous.
+//   lse float32 (float64 for float64 inputs), natural log; out in q's dtype.
 //
 // Every function is __host__ __device__ on nvcc (SSLOPS_HD) and plain inline
 // C++ elsewhere.  T is float or double (the CPU kernel's vector loops apply the
@@ -91,15 +101,9 @@ SSLOPS_HD T rescale(T m_old, T m_new) {
   return m_old == neg_inf<T>() ? T(0) : exp_(m_old - m_new);
 }
 
-// exp(s - m) for a visible score s of a row whose running max is m (>= s).
-// m = -inf only when every score seen so far is -inf; those weigh 0.
-template <typename T>
-SSLOPS_HD T exp_shifted(T s, T m) {
-  return m == neg_inf<T>() ? T(0) : exp_(s - m);
-}
-
-// Shift that the vectorised exp uses for a row: the running max, or 0 for a
-// row still at -inf (then every p is exp(-inf) = 0, never NaN).
+// Shift of a row's exponentials, p = exp(s - safe_shift(m)): the running max,
+// or 0 for a row still at -inf (its scores are all -inf: every p is
+// exp(-inf) = 0, never NaN).
 template <typename T>
 SSLOPS_HD T safe_shift(T m) {
   return m == neg_inf<T>() ? T(0) : m;
@@ -107,7 +111,8 @@ SSLOPS_HD T safe_shift(T m) {
 
 // One tile of a row, in order:
 //     m_new = online_max(m, tile_max);   alpha = rescale(m, m_new);
-//     p_j = exp_shifted(s_j, m_new);     online_merge(m, l, m_new, sum_j p_j, alpha);
+//     p_j = exp(s_j - safe_shift(m_new)) (0 for masked j);
+//     online_merge(m, l, m_new, sum_j p_j, alpha);
 //     acc = alpha * acc + sum_j p_j v_j.
 template <typename T>
 SSLOPS_HD T online_max(T m, T tile_max) {
@@ -139,11 +144,6 @@ SSLOPS_HD T lse_finalize(T m, T l) {
 template <typename T>
 SSLOPS_HD T bwd_shift(T lse) {
   return lse == neg_inf<T>() ? pos_inf<T>() : lse;
-}
-
-template <typename T>
-SSLOPS_HD T prob(T s, T lse) {
-  return exp_(s - bwd_shift(lse));
 }
 
 // delta_i accumulation: delta += dO_id * o_id over d (fp32/fp64 accumulator).

@@ -405,7 +405,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       // reaches (zeroed at the end).  dq_done: per query block; kv_done: the
       // prefix of the current key tile written so far.
       std::fill(dq_done.begin(), dq_done.begin() + n_qblocks, char(0));
-      const int64_t q_first = causal ? (k0 / qb) * qb : 0;
+      const int64_t q_first = (am::q_begin(k0, causal) / qb) * qb;
       if (k1 > k0 && q_first < Lq)
         ops.row_dots(dO.p + q_first * dO.rs, dO.rs, O.p + q_first * O.rs, O.rs, Lq - q_first, D, delta + q_first);
 
@@ -416,7 +416,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         const T* Vt = V.p + c0 * V.rs;
         const Mat<T> dKt{dK.p + c0 * dK.rs, dK.rs}, dVt{dV.p + c0 * dV.rs, dV.rs};
         int64_t kv_done = 0;
-        for (int64_t r0 = causal ? (c0 / qb) * qb : 0; r0 < Lq; r0 += qb) {
+        for (int64_t r0 = (am::q_begin(c0, causal) / qb) * qb; r0 < Lq; r0 += qb) {
           const int64_t rn = std::min(qb, Lq - r0);
           if (!am::tile_live(r0, rn, c0, cn_tile, Lk, causal)) continue;
           // keys of the tile that some row of the block sees
