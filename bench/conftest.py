@@ -3,7 +3,7 @@
 Every benchmark calls ``record(group, impl, benchmark, peak_mb=..., baseline=...)``
 after ``benchmark(...)``; at the end of the run a table per group prints each
 implementation's mean time, its speed-up over the group's baseline measured in
-the same run, and its extra peak memory.
+the same run, and its extra peak memory (and TFLOP/s when ``flops=`` is given).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 _ROWS = collections.defaultdict(list)  # group -> [(impl, mean_s, peak_mb, baseline)]
+_FLOPS = {}  # (group, impl) -> floating-point operations of one call
 
 
 def _status_kb(key: str) -> int:
@@ -61,11 +62,14 @@ def peak_memory(device):
 
 @pytest.fixture
 def record():
-    def _record(group, impl, benchmark, peak_mb=None, baseline=False):
+    def _record(group, impl, benchmark, peak_mb=None, baseline=False, flops=None):
         stats = getattr(benchmark, "stats", None)
         mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
         if mean is not None:
             _ROWS[group].append((impl, mean, peak_mb, baseline))
+            if flops is not None:
+                _FLOPS[(group, impl)] = flops
+                benchmark.extra_info["TFLOP/s"] = round(flops / mean / 1e12, 4)
         benchmark.extra_info["peak_mb"] = peak_mb
 
     return _record
@@ -86,4 +90,8 @@ def pytest_terminal_summary(terminalreporter):
         for impl, mean, peak, _ in rows:
             ratio = f"{base[1] / mean:6.2f}x" if base else "   -   "
             mem = f"{peak:9.1f} MB" if peak is not None else "        -   "
-            tr.write_line(f"  {impl:28s} {mean * 1e3:10.3f} ms  {ratio} vs {base[0] if base else '-':16s} peak {mem}")
+            flops = _FLOPS.get((group, impl))
+            rate = f"  {flops / mean / 1e12:8.4f} TFLOP/s" if flops is not None else ""
+            tr.write_line(
+                f"  {impl:28s} {mean * 1e3:10.3f} ms  {ratio} vs {base[0] if base else '-':16s} peak {mem}{rate}"
+            )

@@ -20,11 +20,11 @@ rc=$?; echo "build rc=$rc ($(( $(date +%s) - T0 )) s)"; [ $rc -eq 0 ] || { tail 
 echo "== CUDA tests"
 # the tests marked cuda, and the Triton kernel tests (they compile for the GPU when one is there)
 SSLOPS_POISON=1 timeout 240 python -m pytest -q -m cuda tests/ -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -25
-SSLOPS_POISON=1 timeout 120 python -m pytest -q tests/test_nt_xent_triton.py tests/test_augment_triton.py \
-  -p no:cacheprovider 2>&1 | tee "$OUT/tests_triton.log" | tail -10
+SSLOPS_POISON=1 timeout 180 python -m pytest -q tests/test_nt_xent_triton.py tests/test_augment_triton.py \
+  tests/test_attention_triton.py -p no:cacheprovider 2>&1 | tee "$OUT/tests_triton.log" | tail -10
 echo "tests done ($(( $(date +%s) - T0 )) s)"
 
-echo "== GPU benchmarks"
+echo "== GPU benchmarks (attention: bench/bench_attention.py::test_attention_gpu, ~1-2 min of it)"
 timeout 240 python -m pytest -q bench/ --benchmark-only -k "gpu or cuda" -p no:cacheprovider \
   --benchmark-columns=median,min,rounds --benchmark-json="$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" \
   | sed -n '/sslops side-by-side/,$p'

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "common/library.h"
 
 #ifndef SSLOPS_WITH_CUDA
@@ -38,6 +40,10 @@ static at::Tensor nt_xent_lse_sym(const at::Tensor& z, double inv_temp) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // autograd is this op's, not nt_xent_lse's
   return op.call(z, z, at::arange(z.size(0), z.options().dtype(at::kLong)), inv_temp);
 }
+#ifndef SSLOPS_EMU
+// csrc/cpu/attention.cpp: the CPU row-loop build attention uses now.
+std::string attention_cpu_isa();
+#endif
 }  // namespace sslops
 
 SSLOPS_LIBRARY(m) {
@@ -90,6 +96,40 @@ SSLOPS_LIBRARY(m) {
       "Tensor saturation, Tensor hue, Tensor order, Tensor grayscale, Tensor blur_sigma, Tensor solarize, "
       "int size, int kernel_size, bool antialias, float[] mean, float[] std, ScalarType out_dtype, "
       "bool channels_last) -> Tensor");
+
+  // ---- attention (csrc/cpu/attention.cpp, csrc/cuda/attention.cu; math: csrc/common/attention.h) ----
+  // out = softmax(scale * q k^T [causal mask]) v, exact, never materialising the scores; the forward
+  // returns the per-row logsumexp lse, the only thing the backward needs besides q, k, v, out.
+  // Layout contract (allocation: csrc/common/attention_host.h; fake kernels: sslops/attention.py):
+  //  dense  (cu_seqlens_q = cu_seqlens_k = None): q (B, H, Lq, D), k and v (B, H, Lk, D), any strides
+  //         (slices of a packed qkv read in place; a kernel may copy an operand whose D stride is not 1).
+  //         max_seqlen_q/k are ignored.  out (B, H, Lq, D) is a contiguous (B, Lq, H, D) buffer
+  //         transposed, so out.transpose(1, 2).reshape(B, Lq, H * D) is a view; lse (B, H, Lq) contiguous.
+  //  varlen (both given): q (Tq, H, D), k and v (Tk, H, D) (any strides), FlashAttention's convention:
+  //         sequence b owns rows cu_seqlens[b] .. cu_seqlens[b + 1] - 1; cu_seqlens int32 (N + 1,) on q's
+  //         device, cu[0] = 0, non-decreasing, cu[N] = T; max_seqlen_q/k bound every sequence's length (GPU
+  //         grids are sized by them).  out (Tq, H, D) contiguous; lse (H, Tq) contiguous.
+  //  q, k, v: one floating dtype and device, same H and D.  CPU: float32/float64; CUDA: fp16/bf16/fp32.
+  //  lse: float32 (float64 for float64 inputs); out: q's dtype.  A row with no key (Lk = 0): out 0, lse -inf.
+  //  scale: finite (the Python API defaults it to 1/sqrt(D)).  causal: SDPA's convention, aligned top-left:
+  //         query row i (within its sequence) sees keys j <= i, also when Lq != Lk (FlashAttention >= 2.1
+  //         aligns bottom-right instead; the two agree when Lq == Lk).
+  m.def(
+      "attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, int max_seqlen_q, "
+      "int max_seqlen_k, float scale, bool causal) -> (Tensor out, Tensor lse)");
+  // Gradients of sum(grad_out * out) with respect to q, k, v (lse is not differentiable), from the forward's
+  // out and lse; arguments as attention_fwd's, grad_out of out's shape (any strides).  dq, dk, dv have q's,
+  // k's, v's shapes; each is contiguous when its input is (no layout copy in a leaf's AccumulateGrad), else
+  // dense (B, H, L, D) = contiguous (B, L, H, D) transposed (out's layout), varlen contiguous (T, H, D).
+  // Deterministic (no atomics).
+  m.def(
+      "attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? cu_seqlens_q, "
+      "Tensor? cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float scale, bool causal) "
+      "-> (Tensor dq, Tensor dk, Tensor dv)");
+#ifndef SSLOPS_EMU
+  // Test hook: the CPU row-loop build (DEFAULT, AVX2, AVX512) attention uses now (SSLOPS_CPU_ISA caps it).
+  m.def("_attention_cpu_isa() -> str", &sslops::attention_cpu_isa);
+#endif
 }
 
 SSLOPS_LIBRARY_IMPL(CompositeExplicitAutograd, m) {

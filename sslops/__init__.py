@@ -7,6 +7,8 @@ from ._backend import BACKENDS, backends, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from .masking import block_masking, gather_tokens, random_masking, restore_tokens
 from . import augment
+from .attention import attention, attention_qkvpacked, attention_varlen
+from . import nn
 from .augment import AugmentParams, SSLViews, sample_params
 
 __version__ = "0.1.0"
@@ -27,4 +29,8 @@ __all__ = [
     "AugmentParams",
     "SSLViews",
     "sample_params",
+    "attention",
+    "attention_qkvpacked",
+    "attention_varlen",
+    "nn",
 ]

@@ -21,6 +21,9 @@ call raises ``ValueError`` naming it: nothing silently falls back.
 Backends may compute only some dtypes (``register_op(..., dtypes=...)``): with
 a ``dtype``, :func:`backends` lists only the backends that compute it
 correctly, ``auto`` skips the others, and asking for one by name raises.
+Head dims work the same way (``register_op(..., head_dims=...)``, attention's
+fused kernels): an unsupported one is skipped by ``auto`` and refused, with the
+supported list in the message, when the backend is asked for by name.
 """
 from __future__ import annotations
 
@@ -52,6 +55,8 @@ class OpInfo:
     prefer: Tuple[str, ...] = ("cuda", "triton", "cpu", "reference")
     # backend -> the dtypes it computes correctly; a backend not listed takes any dtype
     dtypes: Mapping[str, Tuple[torch.dtype, ...]] = dataclasses.field(default_factory=dict)
+    # backend -> the head dims it supports; a backend not listed takes any
+    head_dims: Mapping[str, Tuple[int, ...]] = dataclasses.field(default_factory=dict)
 
 
 _OPS: Dict[str, OpInfo] = {}
@@ -66,10 +71,12 @@ def register_op(
     triton: bool,
     prefer: Sequence[str] | None = None,
     dtypes: Mapping[str, Sequence[torch.dtype]] | None = None,
+    head_dims: Mapping[str, Sequence[int]] | None = None,
 ) -> None:
     """Declare an op: the compiled ``sslops::`` ops it calls, whether it has a
-    Triton path, the order ``auto`` prefers, and per backend the dtypes that
-    backend computes correctly (backends left out take any dtype)."""
+    Triton path, the order ``auto`` prefers, per backend the dtypes that
+    backend computes correctly (backends left out take any dtype), and per
+    backend the head dims it supports (attention; backends left out take any)."""
     info = OpInfo(tuple(compiled), triton)
     if prefer is not None:
         info = dataclasses.replace(info, prefer=tuple(prefer))
@@ -78,6 +85,11 @@ def register_op(
         if unknown:
             raise ValueError(f"register_op({name!r}): unknown backends in dtypes: {sorted(unknown)}")
         info = dataclasses.replace(info, dtypes={k: tuple(v) for k, v in dtypes.items()})
+    if head_dims:
+        unknown = set(head_dims) - set(BACKENDS[1:])
+        if unknown:
+            raise ValueError(f"register_op({name!r}): unknown backends in head_dims: {sorted(unknown)}")
+        info = dataclasses.replace(info, head_dims={k: tuple(sorted(v)) for k, v in head_dims.items()})
     _OPS[name] = info
 
 
@@ -88,6 +100,11 @@ def supported_dtypes(op: str, backend: str, device="cpu") -> Optional[Tuple[torc
     if backend == "triton" and torch.device(device).type == "cpu":
         allowed = tuple(d for d in (allowed or _INTERPRETER_DTYPES) if d in _INTERPRETER_DTYPES)
     return allowed
+
+
+def supported_head_dims(op: str, backend: str) -> Optional[Tuple[int, ...]]:
+    """The head dims ``backend`` supports for ``op`` (None: any)."""
+    return _op_info(op).head_dims.get(backend)
 
 
 def _op_info(op: str) -> OpInfo:
@@ -158,10 +175,11 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None) -> list[str]:
+def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None,
+             head_dim: Optional[int] = None) -> list[str]:
     """Backends that can run ``op`` on tensors on ``device`` in this install,
     in the order ``auto`` prefers them; with ``dtype``, only those that compute
-    that dtype correctly.
+    that dtype correctly; with ``head_dim``, only those that support it.
 
     >>> sslops.backends("nt_xent", "cpu")
     ['cpu', 'reference']
@@ -187,18 +205,23 @@ def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None) -> list
         if ok and dtype is not None:
             allowed = supported_dtypes(op, name, dev)
             ok = allowed is None or dtype in allowed
+        if ok and head_dim is not None:
+            dims = supported_head_dims(op, name)
+            ok = dims is None or head_dim in dims
         if ok:
             found.append(name)
     return found
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once while tracing
-def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that runs ``op`` for tensors on ``device`` (of ``dtype``).
+def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.dtype] = None,
+            head_dim: Optional[int] = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device`` (of ``dtype``,
+    with head dim ``head_dim``).
 
     ``backend`` is the caller's argument; ``"auto"`` consults ``SSLOPS_BACKEND``
     and then picks the first usable backend in the op's preference order that
-    computes ``dtype``.
+    computes ``dtype`` and supports ``head_dim``.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -208,7 +231,7 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
         if env not in BACKENDS:
             raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {env!r}")
         backend, source = env, ENV_VAR
-    usable = backends(op, device, dtype)
+    usable = backends(op, device, dtype, head_dim)
     if backend == "auto":
         for name in usable:
             if name == "emu" or (name == "triton" and torch.device(device).type == "cpu"):
@@ -225,9 +248,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
             why = " (the CUDA emulator is not loaded: call sslops._emu.load() first, as the emu tests do)"
         elif backend == "emu" and torch.device(device).type != "cpu":
             why = " (the emulated CUDA kernels take CPU tensors)"
-        elif dtype is not None and backend in backends(op, device):
+        elif dtype is not None and backend in backends(op, device) and backend not in backends(op, device, dtype):
             allowed = supported_dtypes(op, backend, device) or ()
             why = f" (it computes {', '.join(map(_dtype_name, allowed))}; got {_dtype_name(dtype)})"
+        elif head_dim is not None and backend in backends(op, device, dtype):
+            dims = supported_head_dims(op, backend) or ()
+            why = f" (it supports head dims {', '.join(map(str, dims))}; got head dim {head_dim})"
         what = f"{torch.device(device)} tensors" if dtype is None else f"{_dtype_name(dtype)} tensors on {torch.device(device)}"
         raise ValueError(
             f"{source}={backend!r} cannot run {op} on {what}{why}; usable backends here: {usable}"

@@ -185,3 +185,85 @@ def augment(images, params, size, kernel_size, antialias, mean, std, out_dtype=t
         outs.append(x.to(out_dtype))
     out = torch.stack(outs) if outs else images.new_empty((0, 3, size, size), dtype=out_dtype)
     return out.contiguous(memory_format=torch.channels_last) if channels_last else out
+
+
+# ----------------------------------------------------------------------------
+# attention: exact softmax attention (sslops.attention)
+# ----------------------------------------------------------------------------
+# Materialises the (Lq, Lk) scores, in float32 for half inputs (float64 stays
+# float64); the causal mask is SDPA's (top-left aligned: row i sees keys j <= i).
+
+
+def causal_mask(lq, lk, device=None):
+    """(Lq, Lk) bool, True where query row i may see key j (j <= i)."""
+    return torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+
+
+def attention(q, k, v, scale=None, causal=False):
+    """softmax(scale * q k^T) v.  q (..., Lq, D), k and v (..., Lk, D); scale
+    defaults to 1/sqrt(D).  Rows without a visible key (Lk == 0) give 0.
+    Returns (..., Lq, D) in q's dtype."""
+    out_dtype = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    a, b, c = _acc(q), _acc(k), _acc(v)
+    s = (a @ b.transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    if s.shape[-1] == 0:
+        return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=out_dtype, device=q.device)
+    p = torch.softmax(s, dim=-1)
+    return (p @ c).to(out_dtype)
+
+
+def attention_lse(q, k, scale=None, causal=False):
+    """Per-row logsumexp of the scaled (masked) scores: (..., Lq), float32
+    (float64 for float64 inputs); -inf for a row without a visible key."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (_acc(q) @ _acc(k).transpose(-2, -1)) * scale
+    if causal:
+        s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
+    if s.shape[-1] == 0:
+        return s.new_full(s.shape[:-1], float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False):
+    """Packed variable-length attention, one sequence at a time: q (Tq, H, D),
+    k and v (Tk, H, D), FlashAttention's cu_seqlens (N + 1,).  Returns (Tq, H, D).
+
+    Under torch.compile (which cannot split by data-dependent lengths) it is
+    one (Tq, Tk) attention with a block-diagonal mask instead."""
+    if torch.compiler.is_compiling():
+        return _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs = []
+    for b in range(len(cq) - 1):
+        qs = q[cq[b]:cq[b + 1]].transpose(0, 1)  # (H, Lq, D)
+        ks = k[ck[b]:ck[b + 1]].transpose(0, 1)
+        vs = v[ck[b]:ck[b + 1]].transpose(0, 1)
+        outs.append(attention(qs, ks, vs, scale, causal).transpose(0, 1))
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs, dim=0)
+
+
+def _segments(cu, total):
+    """Sequence id and position within it of each of the total tokens."""
+    tok = torch.arange(total, device=cu.device)
+    seg = torch.searchsorted(cu.long(), tok, right=True) - 1
+    return seg, tok - cu.long()[seg]
+
+
+def _attention_varlen_masked(q, k, v, cu_seqlens_q, cu_seqlens_k, scale=None, causal=False):
+    out_dtype = q.dtype
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    seg_q, pos_q = _segments(cu_seqlens_q, q.shape[0])
+    seg_k, pos_k = _segments(cu_seqlens_k, k.shape[0])
+    visible = seg_q[:, None] == seg_k[None, :]
+    if causal:
+        visible = visible & (pos_k[None, :] <= pos_q[:, None])
+    a, b, c = (_acc(t).transpose(0, 1) for t in (q, k, v))  # (H, T, D)
+    s = (a @ b.transpose(-2, -1)) * scale
+    s = s.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows without a key: 0
+    return (p @ c).transpose(0, 1).to(out_dtype)

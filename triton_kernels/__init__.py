@@ -9,4 +9,6 @@ nothing so that ``import sslops.triton_kernels`` works without triton.
   their backward passes.
 * ``augment``: fused per-sample SSL augmentation views (crop-resize, flip,
   colour jitter, grayscale, blur, solarize, normalise).
+* ``attention``: flash-style exact attention, dense and varlen, forward and
+  backward (delta pre-pass, separate dk/dv and dq passes, no atomics).
 """
