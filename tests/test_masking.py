@@ -323,6 +323,38 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(restore_tokens_backward_triton, (gr, ir, xv.shape[1] - P, P))
 
 
+def _huge_row_stride_grad(rows, value_at):
+    """A (1, rows, 1) fp16 gradient whose row stride is 2**30 elements, so row 4
+    sits at element 2**32: int32 offset arithmetic wraps it to row 0.  The 8 GiB
+    buffer is never touched beyond the rows written (torch.empty maps it lazily)."""
+    try:
+        buf = torch.empty((rows - 1) * 2**30 + 1, dtype=torch.float16)
+    except RuntimeError as exc:  # pragma: no cover - a machine without 8 GiB of address space
+        pytest.skip(f"cannot reserve 8 GiB of virtual memory: {exc}")
+    g = buf.as_strided((1, rows, 1), (buf.numel(), 2**30, 1))
+    for r, v in value_at.items():
+        g[0, r, 0] = v
+    return g
+
+
+@needs_triton
+def test_triton_backward_offsets_are_int64():
+    """(P + k) * row_stride must not wrap in int32 (a transposed (L, B, D) gradient view
+    or >= 2**31 elements per sample reach it); here grad row 4 is at element 2**32."""
+    from sslops.triton_kernels import masking as tk
+
+    g = _huge_row_stride_grad(5, {0: 1.0, 4: 2.0})
+    # scatter: only grad row 4 maps to token 0 (out-of-range ids contribute nothing)
+    ids = torch.tensor([[-1, -1, -1, -1, 0]])
+    out = tk.gather_tokens_backward(g, ids, 1, 0)
+    assert out.item() == 2.0, f"read grad row {'0' if out.item() == 1.0 else '?'} instead of row 4"
+    # restore backward: no visible token, the mask token takes every position; only
+    # position 4 holds a valid index
+    ids_r = torch.tensor([[-1, -1, -1, -1, 0]])
+    grad_xv, grad_mt = tk.restore_tokens_backward(g, ids_r, 0, 0)
+    assert grad_xv.shape == (1, 0, 1) and grad_mt.item() == 2.0
+
+
 def _mae_like(backend):
     def f(x, pos, noise, mt):
         xm, mask, ids_restore = sslops.random_masking(x, 0.75, noise=noise, pos_embed=pos, num_prefix_tokens=1,

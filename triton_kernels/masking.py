@@ -52,6 +52,7 @@ def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, R, P, N, D,
     src = tl.where(is_patch, P + idx, r)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)  # every offset is int64: strides may be large (permuted views)
     m = dmask & valid
     v = tl.load(x_ptr + b * sxb + src * sxl + offs * sxd, mask=m, other=0.0)
     if HAS_POS:
@@ -70,11 +71,13 @@ def _scatter_kernel(g_ptr, ids_ptr, out_ptr, L, P, K, D,
     l = row % L
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     # prefix rows: a copy of the same row of grad
     acc = tl.load(g_ptr + b * sgb + l * sgl + offs * sgd, mask=dmask & (l < P), other=0.0).to(ACC)
     n = tl.where(l >= P, l - P, -2)  # -2 never matches: prefix rows take no patch rows
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        # int64: (P + k) * stride overflows int32 for large gradients or transposed views
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         ids = tl.load(ids_ptr + b * sib + ks * sik, mask=ks < K, other=-1).to(tl.int64)
         match = ids == n
         tile = tl.load(g_ptr + b * sgb + (P + ks[:, None]) * sgl + offs[None, :] * sgd,
@@ -96,6 +99,7 @@ def _restore_kernel(x_ptr, ids_ptr, mt_ptr, out_ptr, R, P, K, N, D,
     src = tl.where(is_patch, P + j, r)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     vx = tl.load(x_ptr + b * sxb + src * sxl + offs * sxd, mask=dmask & valid & use_x, other=0.0)
     vm = tl.load(mt_ptr + offs * smd, mask=dmask & valid & (~use_x), other=0.0)
     v = tl.where(use_x, vx, vm)
@@ -116,10 +120,11 @@ def _restore_backward_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, P, K, N, D,
     is_mask_row = r == P + K
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     acc = tl.load(g_ptr + b * sgb + r * sgl + offs * sgd, mask=dmask & (r < P), other=0.0).to(ACC)
     k = tl.where(r >= P, r - P, -2)
     for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
+        ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64 offsets, as in _scatter_kernel
         ids = tl.load(ids_ptr + b * sib + ns * sin, mask=ns < N, other=-1).to(tl.int64)
         match = tl.where(is_mask_row, (ids >= K) & (ids < N), ids == k)
         tile = tl.load(g_ptr + b * sgb + (P + ns[:, None]) * sgl + offs[None, :] * sgd,
