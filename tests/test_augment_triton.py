@@ -333,6 +333,38 @@ def test_several_views_per_image_in_one_launch():
         run(imgs, {k: v[:4] for k, v in p.items()}, size, 3)  # 4 rows for 3 images
 
 
+def test_launches_run_under_device_guard(monkeypatch):
+    """All three launches run under the guard of the images' device (a tensor on cuda:1
+    while cuda:0 is current must not run on cuda:0; see test_masking for the guard)."""
+    import contextlib
+
+    from sslops.triton_kernels import _common
+
+    seen, inside, launched = [], [0], []
+    run_launch = _common.Launch.__call__
+
+    @contextlib.contextmanager
+    def guard(t):
+        seen.append(t.device)
+        inside[0] += 1
+        try:
+            yield
+        finally:
+            inside[0] -= 1
+
+    def launch(self):
+        assert inside[0], f"{self.kernel} launched outside device_guard"
+        launched.append(self.kernel)
+        run_launch(self)
+
+    monkeypatch.setattr(augment, "device_guard", guard)
+    monkeypatch.setattr(_common.Launch, "__call__", launch)
+    gen = torch.Generator().manual_seed(3)
+    x = random_images(2, 10, 12, gen)
+    run(x, random_params(2, 10, 12, gen), 8, 3)
+    assert len(launched) == 3 and seen == [x.device]
+
+
 def test_deterministic():
     gen = torch.Generator().manual_seed(14)
     imgs = random_images(3, 12, 12, gen)

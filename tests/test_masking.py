@@ -5,6 +5,8 @@ both the op-dtype reference and a float64 transcription.  The Triton kernels
 run in the interpreter without a GPU (fp32, small shapes).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -353,6 +355,60 @@ def test_triton_backward_offsets_are_int64():
     ids_r = torch.tensor([[-1, -1, -1, -1, 0]])
     grad_xv, grad_mt = tk.restore_tokens_backward(g, ids_r, 0, 0)
     assert grad_xv.shape == (1, 0, 1) and grad_mt.item() == 2.0
+
+
+class _GuardRecorder:
+    """Stands in for triton_kernels._common.device_guard: records the device of each
+    guard and fails any Launch that runs outside one."""
+
+    def __init__(self, monkeypatch, module):
+        from sslops.triton_kernels import _common
+
+        self.devices, self.inside, self.launched = [], 0, []
+        run = _common.Launch.__call__
+
+        def launch(launch_self):
+            assert self.inside, f"{launch_self.kernel} launched outside device_guard"
+            self.launched.append(launch_self.kernel)
+            run(launch_self)
+
+        monkeypatch.setattr(module, "device_guard", self.guard)
+        monkeypatch.setattr(_common.Launch, "__call__", launch)
+
+    @contextlib.contextmanager
+    def guard(self, t):
+        self.devices.append(t.device)
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+
+def test_device_guard_targets_the_tensors_gpu():
+    """The guard of a tensor on cuda:1 switches to cuda:1 (a mock tensor: no GPU here)."""
+    from sslops.triton_kernels._common import device_guard
+
+    class OnCuda1:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    g = device_guard(OnCuda1())
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    assert isinstance(device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
+@needs_triton
+def test_triton_launches_run_under_device_guard(monkeypatch):
+    from sslops.triton_kernels import masking as tk
+
+    rec = _GuardRecorder(monkeypatch, tk)
+    x, pos, ids, P, xv, mt, ir, g, gr = _op_samples()
+    tk.gather_tokens(x, ids, pos, P)
+    tk.gather_tokens_backward(g, ids, x.shape[1], P)
+    tk.restore_tokens(xv, ir, mt, P)
+    tk.restore_tokens_backward(gr, ir, xv.shape[1] - P, P)
+    assert len(rec.launched) == 4 and rec.devices == [x.device] * 4
 
 
 def _mae_like(backend):

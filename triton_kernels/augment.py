@@ -63,10 +63,13 @@ kernels run on CPU tensors (fp32/fp16 only: numpy has no bf16).
 from __future__ import annotations
 
 import os
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import Launch, capability, device_guard
 
 __all__ = ["augment_views"]
 
@@ -409,7 +412,7 @@ def _augment_kernel(
 # ----------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------
-def _configs(size: int, device: torch.device):
+def _configs(size: int, cap: Optional[Tuple[int, int]]):
     """Tile edges and warps: (mean pass T, num_warps), (plain views T, num_warps), (blurred
     views T, CH, num_warps).  Tiles are powers of two, >= 16 for tl.dot.
 
@@ -418,12 +421,17 @@ def _configs(size: int, device: torch.device):
     without spills; the blur kernel needs ~255 registers/thread whatever the tiles (FMA
     fp32 dots), hence its own specialisation.
     """
-    if device.type != "cuda":  # interpreter: few, small programs; tiling still exercised
+    if cap is None:  # interpreter: few, small programs; tiling still exercised
         t = 16 if size <= 16 else 32
         return (t, 4), (16, 4), (16, 16, 4)
     if size <= 16:
         return (16, 4), (16, 4), (16, 16, 4)
     return (32, 8), (32, 8), (32, 16, 8)
+
+
+def _n_parts(size: int, cap) -> int:
+    """Columns of pass 0's partial-sum buffer: its tiles per view."""
+    return triton.cdiv(size, _configs(size, cap)[0][0]) ** 2
 
 
 def _param(t: torch.Tensor, name: str, B: int, device, shape_tail=()):
@@ -479,6 +487,47 @@ def augment_views(images, crop, flip, jitter, brightness, contrast, saturation, 
         out.fill_(float("nan"))
     if N == 0:
         return out
+    cap = capability(images)
+    partials = torch.empty((N, _n_parts(size, cap)), dtype=torch.float32, device=dev)
+    launches = _launches(images, crop, flip, jitter, brightness, contrast, saturation, hue, order, grayscale,
+                         blur_sigma, solarize, size, kernel_size, antialias, mean, std, out, partials, cap)
+    with device_guard(images):
+        for launch in launches:
+            launch()
+    return out
+
+
+def _launches(images, crop, flip, jitter, brightness, contrast, saturation, hue, order, grayscale, blur_sigma,
+              solarize, size: int, kernel_size: int, antialias: bool, mean, std, out, partials,
+              cap: Optional[Tuple[int, int]]) -> List[Launch]:
+    """The three launches of one call (pass 0, then pass 1 without and with blur) on the
+    GPU of compute capability ``cap`` (None: the interpreter).  ``partials`` is the
+    (N, tiles of pass 0) fp32 buffer.  Works on meta tensors (the compile test)."""
+    N = crop.shape[0]
+    B = images.shape[0]
+    (tm, wm), (tp, wp), (tb, cb, wb) = _configs(size, cap)
+    in_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
+    s_n, s_c, s_h, s_w = images.stride()
+    o_n, o_c, o_h, o_w = out.stride()
+    common = (images, s_n, s_c, s_h, s_w, crop, order, jitter, brightness, contrast, saturation, hue)
+
+    # pass 0: per-tile grayscale sums for contrast (fp32, N x tiles)
+    ntx = triton.cdiv(size, tm)
+    n_parts = ntx * ntx
+    assert tuple(partials.shape) == (N, n_parts) == (N, _n_parts(size, cap)), "partials: (N, tiles of pass 0)"
+    launches = [Launch(_contrast_mean_kernel, (N, n_parts), (*common, partials, B, size, ntx, n_parts),
+                       dict(IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=tm, num_warps=wm))]
+    # pass 1: the views, once specialised for samples without blur and once for those with
+    for blur, t, chunk, warps in ((False, tp, 16, wp), (True, tb, cb, wb)):
+        ntx = triton.cdiv(size, t)
+        args = (*common, flip, grayscale, blur_sigma, solarize, partials, n_parts, out, o_n, o_c, o_h, o_w,
+                B, size, ntx, mean[0], mean[1], mean[2], std[0], std[1], std[2])
+        kwargs = dict(IN_SCALE=in_scale, ANTIALIAS=bool(antialias), BLUR=blur, T=t, CH=chunk,
+                      K=kernel_size if blur else 1, KP=triton.next_power_of_2(kernel_size) if blur else 1,
+                      NCH=triton.cdiv(t + kernel_size - 1, chunk) if blur else 1,
+                      NPP=triton.next_power_of_2(n_parts), num_warps=warps)
+        launches.append(Launch(_augment_kernel, (N, ntx * ntx), args, kwargs))
+    return launches
 
     (tm, wm), (tp, wp), (tb, cb, wb) = _configs(size, dev)
     in_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
