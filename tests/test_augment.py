@@ -383,6 +383,8 @@ def test_bad_arguments(kw, err, match):
     ("crop", [[0, 20, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),       # right edge past the image
     ("crop", [[-1, 0, 5, 5], [0, 0, 20, 24]], ValueError, "crop"),
     ("crop", [[0, 0, 0, 5], [0, 0, 20, 24]], ValueError, "crop"),         # empty crop
+    ("crop", [[2**63 - 10, 0, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),  # top + height wraps in int64
+    ("crop", [[0, 2**63 - 1, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),   # left + width wraps
     ("hue", [0.7, 0.0], ValueError, "hue"),
     ("hue", [-0.51, 0.0], ValueError, "hue"),
     ("brightness", [-0.1, 1.0], ValueError, "brightness"),
@@ -431,6 +433,11 @@ def test_compiled_op_checks_values():
     p.crop[0, 2] = 99
     with pytest.raises(RuntimeError, match=r"crop\[0\]"):
         torch.ops.sslops.augment(x, *p.tensors(), 16, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False)
+    for huge in ([2**63 - 10, 0, 5, 5], [0, 2**63 - 4, 5, 5]):  # top + height / left + width wrap in int64
+        x, p = _good()
+        p.crop[1] = torch.tensor(huge)
+        with pytest.raises(RuntimeError, match=r"crop\[1\]"):
+            torch.ops.sslops.augment(x, *p.tensors(), 16, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False)
     x, p = _good()
     with pytest.raises(RuntimeError, match="kernel_size"):
         torch.ops.sslops.augment(x, *p.tensors(), 16, 4, True, [0.0] * 3, [1.0] * 3, torch.float32, False)

@@ -143,7 +143,8 @@ class AugmentParams:
         top, left, ch, cw = self.crop.unbind(1)
         finite_nonneg = lambda t: (t >= 0) & torch.isfinite(t)
         checks = [
-            ("crop", (top >= 0) & (left >= 0) & (ch >= 1) & (cw >= 1) & (top + ch <= h) & (left + cw <= w),
+            # ch <= h - top, not top + ch <= h: the sum wraps in int64 for a huge top
+            ("crop", (top >= 0) & (left >= 0) & (ch >= 1) & (cw >= 1) & (ch <= h - top) & (cw <= w - left),
              f"rows must be (top, left, height, width) with height, width >= 1 inside the {h}x{w} image"),
             ("order", (torch.sort(self.order, dim=1).values == torch.arange(4, device=self.order.device)).all(1),
              "rows must be permutations of 0..3"),
