@@ -114,9 +114,58 @@ def _backward_restore(ctx, grad):
     return (grad_xv if need_xv else None), None, (grad_mt if need_mt else None), None
 
 
+# Double backward: each backward op is linear in its gradient input, and its
+# adjoint is the forward op (without pos_embed): the adjoint of the scatter is
+# the gather by the same ids, the adjoint of restore's backward is restore with
+# the upstream gradients as (x_visible, mask_token).  So every order of
+# derivative goes through the same kernels (create_graph=True is exact).
+def _setup_gather_bwd(ctx, inputs, output):
+    grad, ids_keep, seq_len, num_prefix_tokens = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _gather_bwd_adjoint(gather):
+    def backward(ctx, gg):
+        (ids_keep,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return gather(gg, ids_keep, None, ctx.num_prefix_tokens), None, None, None
+
+    return backward
+
+
+def _setup_restore_bwd(ctx, inputs, output):
+    grad, ids_restore, num_visible, num_prefix_tokens = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.shape = (grad.shape[0], num_prefix_tokens + num_visible, grad.shape[2])
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _restore_bwd_adjoint(restore):
+    def backward(ctx, gg_xv, gg_mt):
+        (ids_restore,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        like = gg_xv if gg_xv is not None else gg_mt
+        if gg_xv is None:
+            gg_xv = like.new_zeros(ctx.shape)
+        if gg_mt is None:
+            gg_mt = like.new_zeros(ctx.shape[2])
+        return restore(gg_xv, ids_restore, gg_mt, ctx.num_prefix_tokens), None, None, None
+
+    return backward
+
+
 if _backend.compiled_available():
     torch.library.register_autograd("sslops::gather_tokens", _backward_gather, setup_context=_setup_gather)
     torch.library.register_autograd("sslops::restore_tokens", _backward_restore, setup_context=_setup_restore)
+    torch.library.register_autograd("sslops::gather_tokens_backward",
+                                    _gather_bwd_adjoint(torch.ops.sslops.gather_tokens),
+                                    setup_context=_setup_gather_bwd)
+    torch.library.register_autograd("sslops::restore_tokens_backward",
+                                    _restore_bwd_adjoint(torch.ops.sslops.restore_tokens),
+                                    setup_context=_setup_restore_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -173,6 +222,10 @@ def _backward_restore_triton(ctx, grad):
 
 gather_tokens_triton.register_autograd(_backward_gather_triton, setup_context=_setup_gather)
 restore_tokens_triton.register_autograd(_backward_restore_triton, setup_context=_setup_restore)
+gather_tokens_backward_triton.register_autograd(_gather_bwd_adjoint(gather_tokens_triton),
+                                                setup_context=_setup_gather_bwd)
+restore_tokens_backward_triton.register_autograd(_restore_bwd_adjoint(restore_tokens_triton),
+                                                 setup_context=_setup_restore_bwd)
 
 
 # ----------------------------------------------------------------------------

@@ -206,6 +206,46 @@ def test_restore_gradcheck(backend):
     assert torch.autograd.gradcheck(f, (xv, mt), fast_mode=backend == "triton")
 
 
+def _second_order(fn, inputs, gen):
+    """d/d(inputs) of <d fn(inputs)/d inputs, v> for a quadratic loss of fn's output."""
+    out = fn(*inputs)
+    w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad((out * out * w).sum(), inputs, create_graph=True)
+    vs = [torch.randn(g.shape, generator=gen, dtype=g.dtype) for g in grads]
+    return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), inputs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["gather", "restore", "random_masking"])
+def test_double_backward_matches_reference(backend, op):
+    """create_graph=True through the backward ops (issue: gather_tokens gave 0.0 for 32.0)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    B, L, D, P = 3, 9, 5, 1
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(B, L, D, generator=gen, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, L, D, generator=gen, dtype=dtype, requires_grad=True)
+    ids = torch.cat([_ids(B, L - P, 5, gen), _ids(B, L - P, 2, gen)], 1)  # repeats: gradients add up
+    xv = torch.randn(B, P + 4, D, generator=gen, dtype=dtype, requires_grad=True)
+    mt = torch.randn(D, generator=gen, dtype=dtype, requires_grad=True)
+    ir = _restore_ids(B, L - P, gen)
+    noise = torch.rand(B, L - P, generator=gen)
+    fns = {
+        "gather": (lambda x, pos, be: sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend=be),
+                   (x, pos)),
+        "restore": (lambda xv, mt, be: sslops.restore_tokens(xv, ir, mt, num_prefix_tokens=P, backend=be), (xv, mt)),
+        "random_masking": (lambda x, pos, be: sslops.random_masking(x, 0.5, noise=noise, pos_embed=pos,
+                                                                   num_prefix_tokens=P, backend=be)[0], (x, pos)),
+    }
+    fn, inputs = fns[op]
+    got = _second_order(lambda *a: fn(*a, backend), inputs, torch.Generator().manual_seed(5))
+    want = _second_order(lambda *a: fn(*a, "reference"), inputs, torch.Generator().manual_seed(5))
+    for g, r in zip(got, want):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend), inputs)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_gather_backward_repeats_zeros_and_pos_sum(backend):
     gen = torch.Generator().manual_seed(9)
