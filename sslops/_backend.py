@@ -50,8 +50,9 @@ class OpInfo:
 
 _OPS: Dict[str, OpInfo] = {}
 
-# numpy, which runs Triton's interpreter, has no bfloat16
-_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+# numpy, which runs Triton's interpreter, has no bfloat16 (float64 it has: an op
+# whose Triton kernels compute float64 lists it in its own dtypes)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def register_op(

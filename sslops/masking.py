@@ -35,9 +35,15 @@ from torch import Tensor
 
 from . import _backend, _checks, reference
 
-_backend.register_op("gather_tokens", compiled=("gather_tokens", "gather_tokens_backward"), triton=True)
-_backend.register_op("random_masking", compiled=("gather_tokens", "gather_tokens_backward"), triton=True)
-_backend.register_op("restore_tokens", compiled=("restore_tokens", "restore_tokens_backward"), triton=True)
+# Every backend computes fp32/fp16/bf16/fp64 (copies; adds in fp32, fp64 in fp64);
+# under the Triton interpreter bf16 is refused (numpy has no bfloat16).
+_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+_backend.register_op("gather_tokens", compiled=("gather_tokens", "gather_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
+_backend.register_op("random_masking", compiled=("gather_tokens", "gather_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
+_backend.register_op("restore_tokens", compiled=("restore_tokens", "restore_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -330,7 +336,7 @@ def gather_tokens(
         the batch when pos_embed has batch 1; deterministic on every backend.
     """
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens)
-    be = _backend.resolve("gather_tokens", backend, x.device)
+    be = _backend.resolve("gather_tokens", backend, x.device, x.dtype)
     return _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
 
 
@@ -383,7 +389,7 @@ def random_masking(
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens, check_range=False)  # argsort: in range
-    be = _backend.resolve("random_masking", backend, x.device)
+    be = _backend.resolve("random_masking", backend, x.device, x.dtype)
     x_visible = _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
     # MAE: ones, zero the first len_keep, gather by ids_restore; equivalently
     mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
@@ -429,7 +435,7 @@ def restore_tokens(
     _checks.same_dtype(x_visible, "x_visible", mask_token, "mask_token")
     _checks.same_device(x_visible, "x_visible", mask_token, "mask_token")
     _check_range(ids_restore, "ids_restore", N)
-    be = _backend.resolve("restore_tokens", backend, x_visible.device)
+    be = _backend.resolve("restore_tokens", backend, x_visible.device, x_visible.dtype)
     return _restore(x_visible, ids_restore, mask_token.reshape(D), num_prefix_tokens, be)
 
 

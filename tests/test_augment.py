@@ -557,6 +557,18 @@ def test_sslviews_every_backend(backend):
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend not runnable here")
+def test_triton_refuses_bf16_output_under_the_interpreter():
+    """Backend choice knows the interpreter has no bfloat16 (the output dtype is the
+    op's compute dtype for backend choice)."""
+    assert "triton" not in sslops.backends("augment", "cpu", torch.bfloat16)
+    assert "triton" in sslops.backends("augment", "cpu", torch.float16)
+    x, p = _good()
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run augment on bfloat16"):
+        A.apply(x, p, 16, out_dtype=torch.bfloat16, backend="triton")
+    assert A.apply(x, p, 16, out_dtype=torch.bfloat16).dtype == torch.bfloat16  # auto: the cpu kernel
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend not runnable here")
 def test_opcheck_triton_custom_op():
     x = rand_images(2, 12, 14)
     p = A.sample_params(2, (12, 14), generator=torch.Generator().manual_seed(0))

@@ -32,6 +32,25 @@ def test_backends_listed():
     assert _backend.resolve("gather_tokens", "auto", torch.device("cpu")) == "cpu"
 
 
+@needs_triton
+def test_triton_dtype_limits_under_the_interpreter():
+    """bf16 cannot run in the interpreter (numpy has none): refused with ValueError,
+    fp64 runs (issue 9 item 5 applied to masking)."""
+    for op in ("gather_tokens", "random_masking", "restore_tokens"):
+        assert "triton" not in sslops.backends(op, "cpu", torch.bfloat16)
+        assert "triton" in sslops.backends(op, "cpu", torch.float64)
+    x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run gather_tokens on bfloat16"):
+        sslops.gather_tokens(x, ids, backend="triton")
+    with pytest.raises(ValueError, match=r"cannot run random_masking on bfloat16 .*computes float32, float16"):
+        sslops.random_masking(x, 0.5, backend="triton")
+    with pytest.raises(ValueError, match="cannot run restore_tokens on bfloat16"):
+        sslops.restore_tokens(x, _restore_ids(2, 6, torch.Generator().manual_seed(0)), x[0, 0], backend="triton")
+    xd = x.double()
+    assert torch.equal(sslops.gather_tokens(xd, ids, backend="triton"), sslops.gather_tokens(xd, ids, backend="cpu"))
+
+
 def _ids(B, N, K, gen, dtype=torch.int64):
     return torch.stack([torch.randperm(N, generator=gen)[:K] for _ in range(B)]).to(dtype)
 

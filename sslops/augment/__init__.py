@@ -105,7 +105,9 @@ def _triton_available() -> bool:
 
 
 _TRITON = _triton_available()
-_backend.register_op("augment", compiled=("augment",), triton=_TRITON)
+# The dtype of backend choice is the output dtype (any input dtype is read as
+# float32); under the Triton interpreter bf16 outputs are refused.
+_backend.register_op("augment", compiled=("augment",), triton=_TRITON, dtypes={"triton": OUT_DTYPES})
 
 
 # ----------------------------------------------------------------------------
@@ -223,7 +225,7 @@ def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dty
 # ----------------------------------------------------------------------------
 def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last, backend) -> Tensor:
     """All views of a validated call: params has N = V * B rows, row n cuts image n % B."""
-    be = _backend.resolve("augment", backend, images.device)
+    be = _backend.resolve("augment", backend, images.device, out_dtype)
     images = images.detach()
     if len(params) == 0:
         return _empty_views(images, 0, size, out_dtype, channels_last)
