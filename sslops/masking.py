@@ -375,6 +375,8 @@ def random_masking(
     B, L, D = x.shape
     _checks.integer(num_prefix_tokens, "num_prefix_tokens", 0, L)
     N = L - num_prefix_tokens
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if noise is None:
         if generator is not None and generator.device != x.device:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
@@ -580,12 +582,15 @@ def block_masking(
         Costs two to three small host syncs (block sizes and K).
 
     Args:
-        batch: B.  grid: (H, W) patch grid (e.g. (14, 14) for ViT/16 at 224).
+        batch: B >= 1.  grid: (H, W) patch grid (e.g. (14, 14) for ViT/16 at 224).
         generator: torch.Generator on ``device`` (default: the global one).
         device: where the indices are made (default: the generator's device,
             else CPU).
     """
-    _checks.integer(batch, "batch", 0)
+    # K is made per batch (data2vec: fixed; I-JEPA: the batch minimum): no empty batch
+    _checks.integer(batch, "batch", 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     try:
         H, W = (int(g) for g in grid)
     except (TypeError, ValueError):

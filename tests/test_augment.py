@@ -426,6 +426,25 @@ def test_bad_sample_params_arguments():
         A.sample_params(4, 32, view=-1)
 
 
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(ratio=(-1, 1)), ValueError, r"Recipe.ratio must satisfy 0.0 < min"),  # was "math domain error"
+    (dict(ratio=(2.0, 1.0)), ValueError, "Recipe.ratio"),
+    (dict(scale=(0.0, 1.0)), ValueError, "Recipe.scale"),
+    (dict(sigma=(-0.1, 2.0)), ValueError, "Recipe.sigma"),  # was accepted, failed in apply
+    (dict(sigma=(0.1, float("inf"))), ValueError, "Recipe.sigma"),
+    (dict(jitter=(0.4, 0.4, 0.2, 0.9)), ValueError, "hue strength must be <= 0.5"),  # was accepted
+    (dict(jitter=(0.4, -0.4, 0.2, 0.1)), ValueError, "Recipe.jitter"),
+    (dict(jitter=(0.4, 0.4, 0.2)), ValueError, "Recipe.jitter"),
+    (dict(flip_p=1.5), ValueError, "Recipe.flip_p"),
+    (dict(blur_p=(1.0, -0.1)), ValueError, "Recipe.blur_p"),
+    (dict(solarize_p=0.2), TypeError, "Recipe.solarize_p"),
+    (dict(scale=0.5), TypeError, "Recipe.scale must be a pair"),
+])
+def test_bad_recipe(kw, err, match):
+    with pytest.raises(err, match=match):
+        A.Recipe(**kw)
+
+
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU kernel not built")
 def test_compiled_op_checks_values():
     """The C++ op checks what the Python layer checks, for direct callers."""

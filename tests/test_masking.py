@@ -552,6 +552,8 @@ def test_bad_inputs_random_masking():
         sslops.random_masking(x, 0.5, noise=torch.rand(2, 5), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="noise must be 2-D"):
         sslops.random_masking(x, 0.5, noise=torch.rand(10))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):  # was AttributeError
+        sslops.random_masking(x, 0.5, generator="abc")
 
 
 def test_bad_inputs_restore():
@@ -666,6 +668,11 @@ def test_block_masking_bad_args():
         sslops.block_masking(2, (14, 14), mask_length=0)
     with pytest.raises(ValueError, match="pred_scale"):
         sslops.block_masking(2, (14, 14), kind="ijepa", pred_scale=(0.3, 0.2))
+    for kind in ("data2vec", "ijepa"):  # was a reshape / min() RuntimeError from deep inside
+        with pytest.raises(ValueError, match=r"batch must be >= 1, got 0"):
+            sslops.block_masking(0, (14, 14), kind=kind)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):
+        sslops.block_masking(2, (14, 14), generator="abc")
 
 
 def test_block_masks_feed_gather():
