@@ -7,6 +7,7 @@ on the [0, 1] scale (before normalisation), to 2e-3.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -609,4 +610,13 @@ def test_preview_grid(tmp_path):
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
     assert preview.main([str(path), "-o", str(tmp_path / "v.png"), "--views", "2", "--size", "12",
                          "--backend", "cpu"]) == 0
-    assert Image.open(tmp_path / "v.png").size == (3 * 16 + 4, 3 * 16 + 4)
+    png = np.asarray(Image.open(tmp_path / "v.png").convert("RGB"))
+    labels = preview.row_labels(["simclr", "byol"])
+    assert labels == ["SimCLR", "BYOL view 0 (always blurred)", "BYOL view 1 (may solarise)"]
+    bare = (3 * 16 + 4, 3 * 16 + 4)  # (height, width) of the grid without labels
+    assert png.shape[0] > bare[0] and png.shape[1] > bare[1]  # a header row and a label column
+    margin, header = png.shape[1] - bare[1], png.shape[0] - bare[0]
+    assert (png[:header] < 128).any(), "no header text"
+    for r in range(3):  # each row has its name (dark text pixels) in the label column
+        band = png[header + 4 + r * 16: header + 4 + r * 16 + 12, :margin]
+        assert (band < 128).any(), f"row {r} ({labels[r]}) has no label"
