@@ -205,10 +205,12 @@ def test_input_formats(backend, fmt):
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_output_dtype_and_layout(backend, out_dtype, channels_last):
-    if backend == "triton" and channels_last == (out_dtype == torch.float16):
-        pytest.skip("interpreter time: two of the four combinations")
     x = rand_images(2, 30, 30, seed=9)
     p = A.sample_params(2, 30, generator=torch.Generator().manual_seed(5))
+    if backend == "triton" and out_dtype == torch.bfloat16:  # the interpreter (numpy) has no bfloat16
+        with pytest.raises(ValueError, match="cannot run augment on bfloat16"):
+            A.apply(x, p, 21, out_dtype=out_dtype, channels_last=channels_last, backend=backend)
+        return
     out = A.apply(x, p, 21, out_dtype=out_dtype, channels_last=channels_last, backend=backend)
     assert out.dtype == out_dtype and out.shape == (2, 3, 21, 21)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -477,6 +479,67 @@ def test_opcheck(channels_last):
     q = AugmentParams.cat([p, p])
     torch.library.opcheck(torch.ops.sslops.augment.default,
                           (x, *q.tensors(), 9, 3, False, [0.0] * 3, [1.0] * 3, torch.float32, channels_last))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_validate_false_skips_value_checks(monkeypatch, backend):
+    """validate=False: no value checks (they read data back: a host sync on a GPU);
+    same views for valid parameters."""
+    x = rand_images(3, 20, 24, dtype=torch.float32)
+    p = A.sample_params(3, (20, 24), generator=torch.Generator().manual_seed(2))
+    want = A.apply(x, p, 16, backend=backend)
+    views = A.SSLViews("byol", size=16, views=2, backend=backend, validate=False)
+    ps = views.sample(x)
+    want_views = A.SSLViews("byol", size=16, views=2, backend=backend)(x, ps)
+
+    def synced(*args, **kwargs):
+        raise AssertionError("value check (host sync) with validate=False")
+
+    monkeypatch.setattr(AugmentParams, "value_errors", synced)
+    monkeypatch.setattr(torch, "aminmax", synced)
+    assert torch.equal(A.apply(x, p, 16, backend=backend, validate=False), want)
+    for got, ref in zip(views(x, ps), want_views):
+        assert torch.equal(got, ref)
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        A.apply(x, p, 16, validate=1)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_validate_false_bad_crops_stay_in_bounds(backend):
+    """Unvalidated bad crops never read outside the image: the cpu kernel checks them
+    itself, the GPU kernels (Triton here, in the interpreter) clamp them."""
+    x = rand_images(2, 20, 24)
+    p = A.sample_params(2, (20, 24), generator=torch.Generator().manual_seed(3))
+    p.crop = torch.tensor([[2**62, 2**62, 2**62, 2**62], [-5, -7, 100, 3]])
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match=r"crop\[0\]"):
+            A.apply(x, p, 8, backend=backend, validate=False)
+    else:
+        out = A.apply(x, p, 8, backend=backend, validate=False)
+        clamped = params(2, [[19, 23, 1, 1], [0, 0, 20, 3]])
+        for f in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "order", "grayscale",
+                  "blur_sigma", "solarize"):
+            setattr(clamped, f, getattr(p, f))
+        torch.testing.assert_close(out, A.apply(x, clamped, 8, backend="cpu"), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_torch_compile_fullgraph_apply_and_sslviews(backend):
+    """apply and SSLViews compile with fullgraph=True (value checks are skipped while
+    tracing, as with validate=False).  Inductor for the cpu kernel, aot_eager for Triton
+    (nothing for inductor to fuse in the interpreter)."""
+    x = rand_images(2, 20, 24)
+    p = A.sample_params(2, (20, 24), generator=torch.Generator().manual_seed(4))
+    compiler = "inductor" if backend == "cpu" else "aot_eager"
+    f = lambda x, p: A.apply(x, p, 16, out_dtype=torch.float16, backend=backend)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend=compiler)(x, p), f(x, p))
+    views = A.SSLViews("simclr", size=16, views=2, backend=backend)  # no generator: see SSLViews
+    compiled = torch.compile(views, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    want = views(x)
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_default_kernel_size():
