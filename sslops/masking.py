@@ -326,8 +326,10 @@ def gather_tokens(
         ids_keep: (B, K) int32/int64 patch indices in [0, L - P); repeats are
             allowed (their gradients add up).
         pos_embed: optional ((1 or B), L, D), x's dtype: added to each picked row
-            in the same pass; equal bit for bit to ``gather(x + pos_embed)``.
-        num_prefix_tokens: P leading tokens (cls / registers), always kept.
+            in the same pass, prefix rows included; equal bit for bit to
+            ``gather(x + pos_embed)``.
+        num_prefix_tokens: P leading tokens (cls / registers), always kept and
+            never moved (their pos_embed rows are added: zero them for none).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
 
     Returns:
@@ -361,7 +363,8 @@ def random_masking(
         generator: torch.Generator for the default noise (on x's device).
         pos_embed: optional ((1 or B), L, D), added to the kept tokens in the
             same pass (MAE adds it to all tokens before masking).
-        num_prefix_tokens: P leading tokens kept in front, untouched.
+        num_prefix_tokens: P leading tokens kept in front, not moved (pos_embed
+            is added to them too, as MAE adds pos_embed[:, :1] to its cls token).
         backend: backend of the gather ("auto" | "cuda" | "triton" | "cpu" | "reference").
 
     Returns:
