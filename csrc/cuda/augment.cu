@@ -2,7 +2,7 @@
 // per-view order, grayscale, gaussian blur, solarize and normalize, fused.
 // The per-pixel math is csrc/common/augment.h (shared with the CPU kernel).
 //
-// Three launches, none of which writes an image-sized intermediate:
+// Four launches, none of which writes an image-sized intermediate:
 //
 //   prep_kernel      <<<N, 256>>>        per view: the resampling taps of its
 //                    crop (rows, and columns with the flip folded in) and its
@@ -17,8 +17,9 @@
 //                    writes one partial sum of gray(r, g, b) per (view, band);
 //                    the main kernel sums a view's partials in a fixed order:
 //                    deterministic, no atomics, no fp32 intermediate image.
-//   main_kernel      <<<(N, tiles), 256>>> one 32 x 32 output tile
-//                    of one view per block.  Without blur, each thread computes
+//   main_kernel      <<<(N, tiles x, tiles y), 256>>> twice: the views without
+//                    blur (no shared memory), then those with blur; one 32 x 32
+//                    output tile of one view per block.  Without blur, each thread computes
 //                    its pixels start to end (resample, flip, jitter, grayscale,
 //                    solarize, normalize) and stores them.  With blur, the block
 //                    first computes the pre-blur pixels of the tile plus a halo

@@ -22,7 +22,7 @@ wired in when present), ``cpu`` (csrc/cpu/augment.cpp), ``reference``
 
 Kernel design
 -------------
-*CUDA.*  Three launches per call, none of which writes an image-sized
+*CUDA.*  Four launches per call, none of which writes an image-sized
 intermediate:
 
 1. ``prep``: per view, the resampling taps of the crop (rows and columns, the
@@ -45,8 +45,9 @@ intermediate:
    padding) straight from the source -- resample, flip, jitter in order with
    the contrast mean, grayscale -- into shared memory, runs the separable blur
    (rows into a second shared buffer, then columns), solarises, normalises and
-   writes bf16/fp16/fp32 (NCHW or channels_last).  Views without blur skip
-   the halo and the shared buffers.
+   writes bf16/fp16/fp32 (NCHW or channels_last).  Launched twice: views
+   without blur first, with no shared memory (so they are not limited by the
+   blur's per-block buffers), then views with blur.
 
 *CPU.*  Views in parallel (the V views of an image back to back, so the
 source is read from memory once), or rows in parallel when there are fewer
