@@ -323,8 +323,8 @@ def compile_all(arch: int, modules: Optional[List[str]] = None) -> List[dict]:
                     elif not row["errors"]:
                         row["errors"].append("no ptxas report (was the kernel served from a cache?)")
             row["entries"] += 1
-            for err in bad_grid:
-                if err not in row["errors"]:
+            for err in bad_grid:  # once per kernel specialisation, with the first case that hit it
+                if not any(e.startswith(err) for e in row["errors"]):
                     row["errors"].append(f"{err} ({entry.case})")
             if entry.spills_ok and not row["spills_ok"]:
                 row["spills_ok"] = entry.spills_ok
