@@ -70,6 +70,22 @@ def _cuda_include_dirs():
     return dirs
 
 
+def _arch_tokens(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST ("8.0;9.0+PTX") as the kernel images it builds
+    ("sm_80,sm_90,compute_90"), recorded in the extension (sslops._C's
+    _cuda_archs op) so that backend choice knows which GPUs it covers."""
+    tokens = []
+    for item in arch_list.replace(";", " ").split():
+        arch, _, ptx = item.partition("+")
+        if "." not in arch:
+            raise RuntimeError(f"TORCH_CUDA_ARCH_LIST: use numbers like 8.0 or 9.0+PTX, got {item!r}")
+        num = arch.replace(".", "")
+        tokens.append(f"sm_{num}")
+        if ptx.upper() == "PTX":
+            tokens.append(f"compute_{num}")
+    return ",".join(tokens)
+
+
 def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
@@ -85,11 +101,12 @@ def extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         kwargs["include_dirs"] += _cuda_include_dirs()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSSLOPS_WITH_CUDA=1"]
+        archs = "-DSSLOPS_CUDA_ARCHS=" + _arch_tokens(os.environ["TORCH_CUDA_ARCH_LIST"])
         return [
             CUDAExtension(
                 "sslops._C",
                 sources + rel("csrc/cuda/*.cu"),
-                extra_compile_args={"cxx": cxx + ["-DSSLOPS_WITH_CUDA=1"], "nvcc": nvcc},
+                extra_compile_args={"cxx": cxx + ["-DSSLOPS_WITH_CUDA=1", archs], "nvcc": nvcc},
                 **kwargs,
             )
         ]

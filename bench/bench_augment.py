@@ -72,7 +72,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _measure(benchmark, fn, batch, device, case, impl, rounds):
+def _measure(benchmark, record, fn, batch, device, case, impl, rounds):
     def timed():
         out = fn()
         _sync(device)
@@ -82,6 +82,9 @@ def _measure(benchmark, fn, batch, device, case, impl, rounds):
     ips = batch / benchmark.stats.stats.min  # best round: the least disturbed by other load
     benchmark.extra_info["images_per_s"] = ips
     benchmark.extra_info["batch"] = batch
+    # the side-by-side summary (bench/conftest.py) in img/s, best round, vs kornia
+    record(f"augment SimCLR {torch.device(device).type} {case} B={batch}", impl, benchmark,
+           baseline=impl == "kornia", throughput=(batch, "img/s"), stat="min")
     RESULTS.setdefault((torch.device(device).type, case), {})[impl] = ips
     return out
 
@@ -104,7 +107,7 @@ def _report():
 # CPU
 # ----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", list(CASES))
-def test_sslops_cpu(benchmark, case):
+def test_sslops_cpu(benchmark, record, case):
     side, size, batch = CASES[case]
     x = _images(side, batch)
     g = torch.Generator().manual_seed(0)
@@ -113,12 +116,12 @@ def test_sslops_cpu(benchmark, case):
         p = A.sample_params(batch, side, recipe="simclr", generator=g)
         return A.apply(x, p, size, backend="cpu")
 
-    out = _measure(benchmark, run, batch, "cpu", case, "sslops", rounds=5)
+    out = _measure(benchmark, record, run, batch, "cpu", case, "sslops", rounds=5)
     assert out.shape == (batch, 3, size, size)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_kornia_cpu(benchmark, case):
+def test_kornia_cpu(benchmark, record, case):
     side, size, batch = CASES[case]
     x = _images(side, batch)
     aug = _kornia_pipeline(size, "cpu")
@@ -127,12 +130,12 @@ def test_kornia_cpu(benchmark, case):
         with torch.no_grad():
             return aug(x.float().div_(255))
 
-    out = _measure(benchmark, run, batch, "cpu", case, "kornia", rounds=2)
+    out = _measure(benchmark, record, run, batch, "cpu", case, "kornia", rounds=2)
     assert out.shape == (batch, 3, size, size)
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_torchvision_per_sample_cpu(benchmark, case):
+def test_torchvision_per_sample_cpu(benchmark, record, case):
     side, size, batch = CASES[case]
     x = _images(side, batch)
     tf = _torchvision_pipeline(size)
@@ -140,7 +143,7 @@ def test_torchvision_per_sample_cpu(benchmark, case):
     def run():
         return torch.stack([tf(x[i]) for i in range(batch)])
 
-    out = _measure(benchmark, run, batch, "cpu", case, "torchvision", rounds=2)
+    out = _measure(benchmark, record, run, batch, "cpu", case, "torchvision", rounds=2)
     assert out.shape == (batch, 3, size, size)
 
 
@@ -154,7 +157,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_sslops_gpu(benchmark, case, backend):
+def test_sslops_gpu(benchmark, record, case, backend):
     import sslops
 
     if backend not in sslops.backends("augment", "cuda"):
@@ -168,13 +171,13 @@ def test_sslops_gpu(benchmark, case, backend):
         return A.apply(x, p, size, out_dtype=torch.bfloat16, backend=backend)
 
     impl = "sslops" if backend == "cuda" else "sslops-triton"
-    _measure(benchmark, run, batch, "cuda", case, impl, rounds=10)
+    _measure(benchmark, record, run, batch, "cuda", case, impl, rounds=10)
 
 
 @pytest.mark.cuda
 @needs_cuda
 @pytest.mark.parametrize("case", list(GPU_CASES))
-def test_kornia_gpu(benchmark, case):
+def test_kornia_gpu(benchmark, record, case):
     side, size, batch = GPU_CASES[case]
     x = _images(side, batch, "cuda")
     aug = _kornia_pipeline(size, "cuda")
@@ -183,5 +186,5 @@ def test_kornia_gpu(benchmark, case):
         with torch.no_grad():
             return aug(x.float().div_(255))
 
-    _measure(benchmark, run, batch, "cuda", case, "kornia", rounds=5)
+    _measure(benchmark, record, run, batch, "cuda", case, "kornia", rounds=5)
 

@@ -29,7 +29,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _run(benchmark, fn, device, nbytes):
+def _run(benchmark, record, impl, fn, device, nbytes):
     def call():
         out = fn()
         _sync(device)
@@ -40,7 +40,9 @@ def _run(benchmark, fn, device, nbytes):
     else:
         benchmark.pedantic(call, rounds=50, iterations=5, warmup_rounds=5)
     benchmark.extra_info["bytes_moved"] = nbytes
-    benchmark.extra_info["GB/s"] = round(nbytes / benchmark.stats.stats.mean / 1e9, 2)
+    # the side-by-side summary (bench/conftest.py): ms, GB/s of the bytes that must move,
+    # speed-up over MAE's torch code measured in the same run
+    record(benchmark.group, impl, benchmark, baseline=impl == "torch-mae", throughput=(nbytes / 1e9, "GB/s"))
 
 
 _CACHE = {}
@@ -78,7 +80,7 @@ GATHER_CASES = [(dev, D, be) for dev in DEVICES for D in (768, 384)
 
 
 @pytest.mark.parametrize("device,D,impl", GATHER_CASES, ids=[f"{d}-D{D}-{i}" for d, D, i in GATHER_CASES])
-def test_gather_pos_embed(benchmark, device, D, impl):
+def test_gather_pos_embed(benchmark, record, device, D, impl):
     """Forward of gather + pos-embed add at ViT-B / ViT-S shapes."""
     x, pos, ids_keep, _ = _inputs(device, D)
     benchmark.group = f"gather+pos {device} B={B} L={L} D={D} K={K}"
@@ -95,14 +97,14 @@ def test_gather_pos_embed(benchmark, device, D, impl):
         got = sslops.gather_tokens(x, ids_keep, pos_embed=pos, backend=impl)
         assert torch.equal(got, want)
         fn = lambda: sslops.gather_tokens(x, ids_keep, pos_embed=pos, backend=impl)
-    _run(benchmark, fn, device, nbytes)
+    _run(benchmark, record, impl, fn, device, nbytes)
 
 
 RESTORE_CASES = [(dev, be) for dev in DEVICES for be in ["torch-mae"] + _backends("restore_tokens", dev)]
 
 
 @pytest.mark.parametrize("device,impl", RESTORE_CASES, ids=[f"{d}-{i}" for d, i in RESTORE_CASES])
-def test_restore_decoder(benchmark, device, impl):
+def test_restore_decoder(benchmark, record, device, impl):
     """MAE decoder un-shuffle, decoder width 512, cls token in front."""
     D = 512
     gen = torch.Generator(device=device).manual_seed(1)
@@ -117,14 +119,14 @@ def test_restore_decoder(benchmark, device, impl):
         assert torch.equal(sslops.restore_tokens(xv, ids_restore, mt, num_prefix_tokens=1, backend=impl),
                            reference.mae_decoder_unshuffle(xv, ids_restore, mt))
         fn = lambda: sslops.restore_tokens(xv, ids_restore, mt, num_prefix_tokens=1, backend=impl)
-    _run(benchmark, fn, device, nbytes)
+    _run(benchmark, record, impl, fn, device, nbytes)
 
 
 BACKWARD_CASES = [(dev, be) for dev in DEVICES for be in ["torch-mae"] + _backends("gather_tokens", dev)]
 
 
 @pytest.mark.parametrize("device,impl", BACKWARD_CASES, ids=[f"{d}-{i}" for d, i in BACKWARD_CASES])
-def test_gather_pos_embed_forward_backward(benchmark, device, impl):
+def test_gather_pos_embed_forward_backward(benchmark, record, device, impl):
     """Forward + backward (grad_x scattered, grad_pos_embed summed over B), ViT-B."""
     D = 768
     x0, pos0, ids_keep, _ = _inputs(device, D)
@@ -139,4 +141,4 @@ def test_gather_pos_embed_forward_backward(benchmark, device, impl):
     else:
         f = lambda: sslops.gather_tokens(x, ids_keep, pos_embed=pos, backend=impl)
     fn = lambda: torch.autograd.grad(f(), (x, pos), g)
-    _run(benchmark, fn, device, nbytes)
+    _run(benchmark, record, impl, fn, device, nbytes)

@@ -3,7 +3,10 @@
 Every benchmark calls ``record(group, impl, benchmark, peak_mb=..., baseline=...)``
 after ``benchmark(...)``; at the end of the run a table per group prints each
 implementation's mean time, its speed-up over the group's baseline measured in
-the same run, and its extra peak memory (and TFLOP/s when ``flops=`` is given).
+the same run, its extra peak memory, TFLOP/s when ``flops=`` is given, and a
+rate column with ``throughput=(items, unit)`` (e.g. ``(batch, "img/s")``: items
+per call over the time); ``stat="min"`` uses the best round instead of the mean
+(for noisy machines).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ import os
 import pytest
 import torch
 
-_ROWS = collections.defaultdict(list)  # group -> [(impl, mean_s, peak_mb, baseline)]
+_ROWS = collections.defaultdict(list)  # group -> [(impl, seconds, peak_mb, baseline, throughput, stat)]
 _FLOPS = {}  # (group, impl) -> floating-point operations of one call
 
 
@@ -62,15 +65,18 @@ def peak_memory(device):
 
 @pytest.fixture
 def record():
-    def _record(group, impl, benchmark, peak_mb=None, baseline=False, flops=None):
+    def _record(group, impl, benchmark, peak_mb=None, baseline=False, flops=None, throughput=None, stat="mean"):
+        assert stat in ("mean", "min"), stat
         stats = getattr(benchmark, "stats", None)
-        mean = stats.stats.mean if stats is not None and getattr(stats, "stats", None) else None
-        if mean is not None:
-            _ROWS[group].append((impl, mean, peak_mb, baseline))
+        value = getattr(stats.stats, stat) if stats is not None and getattr(stats, "stats", None) else None
+        if value is not None:
+            _ROWS[group].append((impl, value, peak_mb, baseline, throughput, stat))
             if flops is not None:
                 _FLOPS[(group, impl)] = flops
-                benchmark.extra_info["TFLOP/s"] = round(flops / mean / 1e12, 4)
+                benchmark.extra_info["TFLOP/s"] = round(flops / value / 1e12, 4)
         benchmark.extra_info["peak_mb"] = peak_mb
+        if throughput is not None and value:
+            benchmark.extra_info[throughput[1]] = throughput[0] / value
 
     return _record
 
@@ -87,11 +93,12 @@ def pytest_terminal_summary(terminalreporter):
     for group, rows in _ROWS.items():
         base = next((r for r in rows if r[3]), None)
         tr.write_line(f"[{group}]")
-        for impl, mean, peak, _ in rows:
-            ratio = f"{base[1] / mean:6.2f}x" if base else "   -   "
+        for impl, secs, peak, _, throughput, stat in rows:
+            ratio = f"{base[1] / secs:6.2f}x" if base else "   -   "
             mem = f"{peak:9.1f} MB" if peak is not None else "        -   "
             flops = _FLOPS.get((group, impl))
-            rate = f"  {flops / mean / 1e12:8.4f} TFLOP/s" if flops is not None else ""
-            tr.write_line(
-                f"  {impl:28s} {mean * 1e3:10.3f} ms  {ratio} vs {base[0] if base else '-':16s} peak {mem}{rate}"
-            )
+            rate = f"  {flops / secs / 1e12:8.4f} TFLOP/s" if flops is not None else ""
+            if throughput:
+                rate += f"  {throughput[0] / secs:12,.1f} {throughput[1]}"
+            tr.write_line(f"  {impl:28s} {secs * 1e3:10.3f} ms ({stat}){rate}  {ratio} vs "
+                          f"{base[0] if base else '-':16s} peak {mem}")

@@ -27,8 +27,17 @@ PyObject* PyInit__C(void) {
 }
 #endif
 
+// The kernel images of the CUDA build, e.g. "sm_80,sm_90,compute_90" (setup.py
+// passes them from TORCH_CUDA_ARCH_LIST); empty without CUDA.
+#ifndef SSLOPS_CUDA_ARCHS
+#define SSLOPS_CUDA_ARCHS
+#endif
+#define SSLOPS_STR_(...) #__VA_ARGS__
+#define SSLOPS_STR(...) SSLOPS_STR_(__VA_ARGS__)
+
 namespace sslops {
 static bool cuda_built() { return SSLOPS_WITH_CUDA != 0; }
+static std::string cuda_archs() { return SSLOPS_STR(SSLOPS_CUDA_ARCHS); }
 
 // SimCLR's case of nt_xent_lse: q = c = z, each row leaves out itself.  One
 // device-generic kernel that calls the per-device nt_xent_lse; it exists as an
@@ -49,6 +58,8 @@ std::string attention_cpu_isa();
 SSLOPS_LIBRARY(m) {
   // Whether this build compiled the CUDA kernels.
   m.def("_cuda_built() -> bool", &sslops::cuda_built);
+  // The GPU code it holds: "sm_XY" kernel images and "compute_XY" PTX, comma-separated.
+  m.def("_cuda_archs() -> str", &sslops::cuda_archs);
 
   // ---- nt_xent / info_nce (csrc/cpu/nt_xent.cpp, csrc/cuda/nt_xent.cu) ----
   // lse[i] = logsumexp_{j != exclude[i]} inv_temp * <q[i], c[j]>, never building

@@ -3,7 +3,7 @@
 Every op takes ``backend="auto" | "cuda" | "triton" | "cpu" | "reference"``;
 see :func:`sslops.backends` for what this install can run.
 """
-from ._backend import BACKENDS, backends, cuda_built
+from ._backend import BACKENDS, backends, cuda_archs, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
 from .masking import block_masking, gather_tokens, random_masking, restore_tokens
 from . import augment
@@ -17,6 +17,7 @@ __all__ = [
     "BACKENDS",
     "backends",
     "cuda_built",
+    "cuda_archs",
     "nt_xent",
     "info_nce",
     "NTXentLoss",

@@ -61,8 +61,9 @@ class OpInfo:
 
 _OPS: Dict[str, OpInfo] = {}
 
-# numpy, which runs Triton's interpreter, has no bfloat16
-_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+# numpy, which runs Triton's interpreter, has no bfloat16 (float64 it has: an op
+# whose Triton kernels compute float64 lists it in its own dtypes)
+_INTERPRETER_DTYPES = (torch.float32, torch.float16, torch.float64)
 
 
 def register_op(
@@ -161,6 +162,36 @@ def cuda_built() -> bool:
     return compiled_available() and bool(torch.ops.sslops._cuda_built())
 
 
+def cuda_archs() -> Tuple[str, ...]:
+    """The GPU code this install compiled: ``sm_XY`` kernel images and ``compute_XY``
+    PTX (from TORCH_CUDA_ARCH_LIST at build time); empty without the CUDA build."""
+    if not cuda_built():
+        return ()
+    return tuple(a for a in str(torch.ops.sslops._cuda_archs()).split(",") if a)
+
+
+def arch_covered(capability: Tuple[int, int], archs: Sequence[str]) -> bool:
+    """Whether a GPU of compute capability ``capability`` can run code built for ``archs``:
+    a kernel image sm_XY runs on X.Y' with Y' >= Y (same major), PTX compute_XY is
+    JIT-compiled by the driver for any GPU >= X.Y."""
+    major, minor = capability
+    for arch in archs:
+        kind, _, num = arch.partition("_")
+        if not num.isdigit() or len(num) < 2:
+            continue  # e.g. sm_90a (arch-specific features): not a portable image
+        a_major, a_minor = int(num[:-1]), int(num[-1])
+        if kind == "sm" and a_major == major and a_minor <= minor:
+            return True
+        if kind == "compute" and (a_major, a_minor) <= (major, minor):
+            return True
+    return False
+
+
+def _cuda_covers(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return arch_covered(torch.cuda.get_device_capability(index), cuda_archs())
+
+
 def _has_kernels(names: Sequence[str], key: str, namespace: str = "sslops") -> bool:
     if not compiled_available():
         return False
@@ -197,7 +228,8 @@ def backends(op: str, device="cpu", dtype: Optional[torch.dtype] = None,
         elif name == "cpu":
             ok = dev.type == "cpu" and _has_kernels(info.compiled, "CPU")
         elif name == "cuda":
-            ok = dev.type == "cuda" and torch.cuda.is_available() and _has_kernels(info.compiled, "CUDA")
+            ok = (dev.type == "cuda" and torch.cuda.is_available() and _has_kernels(info.compiled, "CUDA")
+                  and _cuda_covers(dev))  # e.g. an sm_75 GPU with an sm_80/sm_90 build: no kernel image
         else:  # triton
             ok = info.triton and triton_importable() and (
                 (dev.type == "cuda" and torch.cuda.is_available()) or (dev.type == "cpu" and triton_interpret())
@@ -244,6 +276,12 @@ def resolve(op: str, backend: str, device: torch.device, dtype: Optional[torch.d
             why = f" (sslops._C failed to import: {_C_ERROR})"
         elif backend == "cuda" and torch.device(device).type == "cuda" and not cuda_built():
             why = " (this install was built without CUDA kernels; reinstall with SSLOPS_CUDA=1)"
+        elif (backend == "cuda" and torch.device(device).type == "cuda" and torch.cuda.is_available()
+              and not _cuda_covers(torch.device(device))):
+            dev = torch.device(device)
+            cap = torch.cuda.get_device_capability(dev.index if dev.index is not None else torch.cuda.current_device())
+            why = (f" (this build has GPU code for {', '.join(cuda_archs())}, none of which runs on this "
+                   f"sm_{cap[0]}{cap[1]} GPU; rebuild with TORCH_CUDA_ARCH_LIST=\"{cap[0]}.{cap[1]}\")")
         elif backend == "emu" and not _EMU_LOADED:
             why = " (the CUDA emulator is not loaded: call sslops._emu.load() first, as the emu tests do)"
         elif backend == "emu" and torch.device(device).type != "cpu":

@@ -36,9 +36,15 @@ from torch import Tensor
 
 from . import _backend, _checks, reference
 
-_backend.register_op("gather_tokens", compiled=("gather_tokens", "gather_tokens_backward"), triton=True)
-_backend.register_op("random_masking", compiled=("gather_tokens", "gather_tokens_backward"), triton=True)
-_backend.register_op("restore_tokens", compiled=("restore_tokens", "restore_tokens_backward"), triton=True)
+# Every backend computes fp32/fp16/bf16/fp64 (copies; adds in fp32, fp64 in fp64);
+# under the Triton interpreter bf16 is refused (numpy has no bfloat16).
+_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+_backend.register_op("gather_tokens", compiled=("gather_tokens", "gather_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
+_backend.register_op("random_masking", compiled=("gather_tokens", "gather_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
+_backend.register_op("restore_tokens", compiled=("restore_tokens", "restore_tokens_backward"), triton=True,
+                     dtypes=_DTYPES)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -115,6 +121,49 @@ def _backward_restore(ctx, grad, ops=torch.ops.sslops):
     return (grad_xv if need_xv else None), None, (grad_mt if need_mt else None), None
 
 
+# Double backward: each backward op is linear in its gradient input, and its
+# adjoint is the forward op (without pos_embed): the adjoint of the scatter is
+# the gather by the same ids, the adjoint of restore's backward is restore with
+# the upstream gradients as (x_visible, mask_token).  So every order of
+# derivative goes through the same kernels (create_graph=True is exact).
+def _setup_gather_bwd(ctx, inputs, output):
+    grad, ids_keep, seq_len, num_prefix_tokens = inputs
+    ctx.save_for_backward(ids_keep)
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _gather_bwd_adjoint(gather):
+    def backward(ctx, gg):
+        (ids_keep,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        return gather(gg, ids_keep, None, ctx.num_prefix_tokens), None, None, None
+
+    return backward
+
+
+def _setup_restore_bwd(ctx, inputs, output):
+    grad, ids_restore, num_visible, num_prefix_tokens = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.shape = (grad.shape[0], num_prefix_tokens + num_visible, grad.shape[2])
+    ctx.num_prefix_tokens = num_prefix_tokens
+
+
+def _restore_bwd_adjoint(restore):
+    def backward(ctx, gg_xv, gg_mt):
+        (ids_restore,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        like = gg_xv if gg_xv is not None else gg_mt
+        if gg_xv is None:
+            gg_xv = like.new_zeros(ctx.shape)
+        if gg_mt is None:
+            gg_mt = like.new_zeros(ctx.shape[2])
+        return restore(gg_xv, ids_restore, gg_mt, ctx.num_prefix_tokens), None, None, None
+
+    return backward
+
+
 @_backend.compiled_namespace_setup  # sslops, and sslops_emu (the CUDA emulator) when it loads
 def _register_autograd(ns: str) -> None:
     ops = getattr(torch.ops, ns)
@@ -122,6 +171,10 @@ def _register_autograd(ns: str) -> None:
                                     setup_context=_setup_gather)
     torch.library.register_autograd(f"{ns}::restore_tokens", functools.partial(_backward_restore, ops=ops),
                                     setup_context=_setup_restore)
+    torch.library.register_autograd(f"{ns}::gather_tokens_backward", _gather_bwd_adjoint(ops.gather_tokens),
+                                    setup_context=_setup_gather_bwd)
+    torch.library.register_autograd(f"{ns}::restore_tokens_backward", _restore_bwd_adjoint(ops.restore_tokens),
+                                    setup_context=_setup_restore_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -178,6 +231,10 @@ def _backward_restore_triton(ctx, grad):
 
 gather_tokens_triton.register_autograd(_backward_gather_triton, setup_context=_setup_gather)
 restore_tokens_triton.register_autograd(_backward_restore_triton, setup_context=_setup_restore)
+gather_tokens_backward_triton.register_autograd(_gather_bwd_adjoint(gather_tokens_triton),
+                                                setup_context=_setup_gather_bwd)
+restore_tokens_backward_triton.register_autograd(_restore_bwd_adjoint(restore_tokens_triton),
+                                                 setup_context=_setup_restore_bwd)
 
 
 # ----------------------------------------------------------------------------
@@ -272,8 +329,10 @@ def gather_tokens(
         ids_keep: (B, K) int32/int64 patch indices in [0, L - P); repeats are
             allowed (their gradients add up).
         pos_embed: optional ((1 or B), L, D), x's dtype: added to each picked row
-            in the same pass; equal bit for bit to ``gather(x + pos_embed)``.
-        num_prefix_tokens: P leading tokens (cls / registers), always kept.
+            in the same pass, prefix rows included; equal bit for bit to
+            ``gather(x + pos_embed)``.
+        num_prefix_tokens: P leading tokens (cls / registers), always kept and
+            never moved (their pos_embed rows are added: zero them for none).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
 
     Returns:
@@ -282,7 +341,7 @@ def gather_tokens(
         the batch when pos_embed has batch 1; deterministic on every backend.
     """
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens)
-    be = _backend.resolve("gather_tokens", backend, x.device)
+    be = _backend.resolve("gather_tokens", backend, x.device, x.dtype)
     return _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
 
 
@@ -307,7 +366,8 @@ def random_masking(
         generator: torch.Generator for the default noise (on x's device).
         pos_embed: optional ((1 or B), L, D), added to the kept tokens in the
             same pass (MAE adds it to all tokens before masking).
-        num_prefix_tokens: P leading tokens kept in front, untouched.
+        num_prefix_tokens: P leading tokens kept in front, not moved (pos_embed
+            is added to them too, as MAE adds pos_embed[:, :1] to its cls token).
         backend: backend of the gather ("auto" | "cuda" | "triton" | "cpu" | "reference").
 
     Returns:
@@ -321,6 +381,8 @@ def random_masking(
     B, L, D = x.shape
     _checks.integer(num_prefix_tokens, "num_prefix_tokens", 0, L)
     N = L - num_prefix_tokens
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if noise is None:
         if generator is not None and generator.device != x.device:
             raise ValueError(f"generator is on {generator.device} but x is on {x.device}")
@@ -335,7 +397,7 @@ def random_masking(
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     ids_keep = ids_shuffle[:, :len_keep]
     _check_gather_args(x, ids_keep, pos_embed, num_prefix_tokens, check_range=False)  # argsort: in range
-    be = _backend.resolve("random_masking", backend, x.device)
+    be = _backend.resolve("random_masking", backend, x.device, x.dtype)
     x_visible = _gather(x, ids_keep, pos_embed, num_prefix_tokens, be)
     # MAE: ones, zero the first len_keep, gather by ids_restore; equivalently
     mask = (ids_restore >= len_keep).to(torch.get_default_dtype())
@@ -381,7 +443,7 @@ def restore_tokens(
     _checks.same_dtype(x_visible, "x_visible", mask_token, "mask_token")
     _checks.same_device(x_visible, "x_visible", mask_token, "mask_token")
     _check_range(ids_restore, "ids_restore", N)
-    be = _backend.resolve("restore_tokens", backend, x_visible.device)
+    be = _backend.resolve("restore_tokens", backend, x_visible.device, x_visible.dtype)
     return _restore(x_visible, ids_restore, mask_token.reshape(D), num_prefix_tokens, be)
 
 
@@ -526,12 +588,15 @@ def block_masking(
         Costs two to three small host syncs (block sizes and K).
 
     Args:
-        batch: B.  grid: (H, W) patch grid (e.g. (14, 14) for ViT/16 at 224).
+        batch: B >= 1.  grid: (H, W) patch grid (e.g. (14, 14) for ViT/16 at 224).
         generator: torch.Generator on ``device`` (default: the global one).
         device: where the indices are made (default: the generator's device,
             else CPU).
     """
-    _checks.integer(batch, "batch", 0)
+    # K is made per batch (data2vec: fixed; I-JEPA: the batch minimum): no empty batch
+    _checks.integer(batch, "batch", 1)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     try:
         H, W = (int(g) for g in grid)
     except (TypeError, ValueError):

@@ -7,6 +7,7 @@ on the [0, 1] scale (before normalisation), to 2e-3.
 import itertools
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -206,10 +207,12 @@ def test_input_formats(backend, fmt):
 @pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_output_dtype_and_layout(backend, out_dtype, channels_last):
-    if backend == "triton" and channels_last == (out_dtype == torch.float16):
-        pytest.skip("interpreter time: two of the four combinations")
     x = rand_images(2, 30, 30, seed=9)
     p = A.sample_params(2, 30, generator=torch.Generator().manual_seed(5))
+    if backend == "triton" and out_dtype == torch.bfloat16:  # the interpreter (numpy) has no bfloat16
+        with pytest.raises(ValueError, match="cannot run augment on bfloat16"):
+            A.apply(x, p, 21, out_dtype=out_dtype, channels_last=channels_last, backend=backend)
+        return
     out = A.apply(x, p, 21, out_dtype=out_dtype, channels_last=channels_last, backend=backend)
     assert out.dtype == out_dtype and out.shape == (2, 3, 21, 21)
     assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -385,6 +388,8 @@ def test_bad_arguments(kw, err, match):
     ("crop", [[0, 20, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),       # right edge past the image
     ("crop", [[-1, 0, 5, 5], [0, 0, 20, 24]], ValueError, "crop"),
     ("crop", [[0, 0, 0, 5], [0, 0, 20, 24]], ValueError, "crop"),         # empty crop
+    ("crop", [[2**63 - 10, 0, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),  # top + height wraps in int64
+    ("crop", [[0, 2**63 - 1, 20, 5], [0, 0, 20, 24]], ValueError, "crop"),   # left + width wraps
     ("hue", [0.7, 0.0], ValueError, "hue"),
     ("hue", [-0.51, 0.0], ValueError, "hue"),
     ("brightness", [-0.1, 1.0], ValueError, "brightness"),
@@ -426,6 +431,25 @@ def test_bad_sample_params_arguments():
         A.sample_params(4, 32, view=-1)
 
 
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(ratio=(-1, 1)), ValueError, r"Recipe.ratio must satisfy 0.0 < min"),  # was "math domain error"
+    (dict(ratio=(2.0, 1.0)), ValueError, "Recipe.ratio"),
+    (dict(scale=(0.0, 1.0)), ValueError, "Recipe.scale"),
+    (dict(sigma=(-0.1, 2.0)), ValueError, "Recipe.sigma"),  # was accepted, failed in apply
+    (dict(sigma=(0.1, float("inf"))), ValueError, "Recipe.sigma"),
+    (dict(jitter=(0.4, 0.4, 0.2, 0.9)), ValueError, "hue strength must be <= 0.5"),  # was accepted
+    (dict(jitter=(0.4, -0.4, 0.2, 0.1)), ValueError, "Recipe.jitter"),
+    (dict(jitter=(0.4, 0.4, 0.2)), ValueError, "Recipe.jitter"),
+    (dict(flip_p=1.5), ValueError, "Recipe.flip_p"),
+    (dict(blur_p=(1.0, -0.1)), ValueError, "Recipe.blur_p"),
+    (dict(solarize_p=0.2), TypeError, "Recipe.solarize_p"),
+    (dict(scale=0.5), TypeError, "Recipe.scale must be a pair"),
+])
+def test_bad_recipe(kw, err, match):
+    with pytest.raises(err, match=match):
+        A.Recipe(**kw)
+
+
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU kernel not built")
 def test_compiled_op_checks_values():
     """The C++ op checks what the Python layer checks, for direct callers."""
@@ -433,6 +457,11 @@ def test_compiled_op_checks_values():
     p.crop[0, 2] = 99
     with pytest.raises(RuntimeError, match=r"crop\[0\]"):
         torch.ops.sslops.augment(x, *p.tensors(), 16, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False)
+    for huge in ([2**63 - 10, 0, 5, 5], [0, 2**63 - 4, 5, 5]):  # top + height / left + width wrap in int64
+        x, p = _good()
+        p.crop[1] = torch.tensor(huge)
+        with pytest.raises(RuntimeError, match=r"crop\[1\]"):
+            torch.ops.sslops.augment(x, *p.tensors(), 16, 3, True, [0.0] * 3, [1.0] * 3, torch.float32, False)
     x, p = _good()
     with pytest.raises(RuntimeError, match="kernel_size"):
         torch.ops.sslops.augment(x, *p.tensors(), 16, 4, True, [0.0] * 3, [1.0] * 3, torch.float32, False)
@@ -452,6 +481,67 @@ def test_opcheck(channels_last):
     q = AugmentParams.cat([p, p])
     torch.library.opcheck(torch.ops.sslops.augment.default,
                           (x, *q.tensors(), 9, 3, False, [0.0] * 3, [1.0] * 3, torch.float32, channels_last))
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_validate_false_skips_value_checks(monkeypatch, backend):
+    """validate=False: no value checks (they read data back: a host sync on a GPU);
+    same views for valid parameters."""
+    x = rand_images(3, 20, 24, dtype=torch.float32)
+    p = A.sample_params(3, (20, 24), generator=torch.Generator().manual_seed(2))
+    want = A.apply(x, p, 16, backend=backend)
+    views = A.SSLViews("byol", size=16, views=2, backend=backend, validate=False)
+    ps = views.sample(x)
+    want_views = A.SSLViews("byol", size=16, views=2, backend=backend)(x, ps)
+
+    def synced(*args, **kwargs):
+        raise AssertionError("value check (host sync) with validate=False")
+
+    monkeypatch.setattr(AugmentParams, "value_errors", synced)
+    monkeypatch.setattr(torch, "aminmax", synced)
+    assert torch.equal(A.apply(x, p, 16, backend=backend, validate=False), want)
+    for got, ref in zip(views(x, ps), want_views):
+        assert torch.equal(got, ref)
+    with pytest.raises(TypeError, match="validate must be a bool"):
+        A.apply(x, p, 16, validate=1)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_validate_false_bad_crops_stay_in_bounds(backend):
+    """Unvalidated bad crops never read outside the image: the cpu kernel checks them
+    itself, the GPU kernels (Triton here, in the interpreter) clamp them."""
+    x = rand_images(2, 20, 24)
+    p = A.sample_params(2, (20, 24), generator=torch.Generator().manual_seed(3))
+    p.crop = torch.tensor([[2**62, 2**62, 2**62, 2**62], [-5, -7, 100, 3]])
+    if backend == "cpu":
+        with pytest.raises(RuntimeError, match=r"crop\[0\]"):
+            A.apply(x, p, 8, backend=backend, validate=False)
+    else:
+        out = A.apply(x, p, 8, backend=backend, validate=False)
+        clamped = params(2, [[19, 23, 1, 1], [0, 0, 20, 3]])
+        for f in ("flip", "jitter", "brightness", "contrast", "saturation", "hue", "order", "grayscale",
+                  "blur_sigma", "solarize"):
+            setattr(clamped, f, getattr(p, f))
+        torch.testing.assert_close(out, A.apply(x, clamped, 8, backend="cpu"), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_torch_compile_fullgraph_apply_and_sslviews(backend):
+    """apply and SSLViews compile with fullgraph=True (value checks are skipped while
+    tracing, as with validate=False).  Inductor for the cpu kernel, aot_eager for Triton
+    (nothing for inductor to fuse in the interpreter)."""
+    x = rand_images(2, 20, 24)
+    p = A.sample_params(2, (20, 24), generator=torch.Generator().manual_seed(4))
+    compiler = "inductor" if backend == "cpu" else "aot_eager"
+    f = lambda x, p: A.apply(x, p, 16, out_dtype=torch.float16, backend=backend)
+    assert torch.equal(torch.compile(f, fullgraph=True, backend=compiler)(x, p), f(x, p))
+    views = A.SSLViews("simclr", size=16, views=2, backend=backend)  # no generator: see SSLViews
+    compiled = torch.compile(views, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(5)
+    got = compiled(x)
+    torch.manual_seed(5)
+    want = views(x)
+    assert len(got) == 2 and all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_default_kernel_size():
@@ -583,6 +673,18 @@ def test_sslviews_every_backend(backend):
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend not runnable here")
+def test_triton_refuses_bf16_output_under_the_interpreter():
+    """Backend choice knows the interpreter has no bfloat16 (the output dtype is the
+    op's compute dtype for backend choice)."""
+    assert "triton" not in sslops.backends("augment", "cpu", torch.bfloat16)
+    assert "triton" in sslops.backends("augment", "cpu", torch.float16)
+    x, p = _good()
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run augment on bfloat16"):
+        A.apply(x, p, 16, out_dtype=torch.bfloat16, backend="triton")
+    assert A.apply(x, p, 16, out_dtype=torch.bfloat16).dtype == torch.bfloat16  # auto: the cpu kernel
+
+
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton backend not runnable here")
 def test_opcheck_triton_custom_op():
     x = rand_images(2, 12, 14)
     p = A.sample_params(2, (12, 14), generator=torch.Generator().manual_seed(0))
@@ -604,4 +706,13 @@ def test_preview_grid(tmp_path):
     Image.fromarray(img.permute(1, 2, 0).numpy()).save(path)
     assert preview.main([str(path), "-o", str(tmp_path / "v.png"), "--views", "2", "--size", "12",
                          "--backend", "cpu"]) == 0
-    assert Image.open(tmp_path / "v.png").size == (3 * 16 + 4, 3 * 16 + 4)
+    png = np.asarray(Image.open(tmp_path / "v.png").convert("RGB"))
+    labels = preview.row_labels(["simclr", "byol"])
+    assert labels == ["SimCLR", "BYOL view 0 (always blurred)", "BYOL view 1 (may solarise)"]
+    bare = (3 * 16 + 4, 3 * 16 + 4)  # (height, width) of the grid without labels
+    assert png.shape[0] > bare[0] and png.shape[1] > bare[1]  # a header row and a label column
+    margin, header = png.shape[1] - bare[1], png.shape[0] - bare[0]
+    assert (png[:header] < 128).any(), "no header text"
+    for r in range(3):  # each row has its name (dark text pixels) in the label column
+        band = png[header + 4 + r * 16: header + 4 + r * 16 + 12, :margin]
+        assert (band < 128).any(), f"row {r} ({labels[r]}) has no label"

@@ -5,6 +5,8 @@ both the op-dtype reference and a float64 transcription.  The Triton kernels
 run in the interpreter without a GPU (fp32, small shapes).
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -31,6 +33,25 @@ def test_backends_listed():
     assert "cpu" in sslops.backends("gather_tokens", "cpu")
     assert "reference" in sslops.backends("restore_tokens", "cpu")
     assert _backend.resolve("gather_tokens", "auto", torch.device("cpu")) == "cpu"
+
+
+@needs_triton
+def test_triton_dtype_limits_under_the_interpreter():
+    """bf16 cannot run in the interpreter (numpy has none): refused with ValueError,
+    fp64 runs (issue 9 item 5 applied to masking)."""
+    for op in ("gather_tokens", "random_masking", "restore_tokens"):
+        assert "triton" not in sslops.backends(op, "cpu", torch.bfloat16)
+        assert "triton" in sslops.backends(op, "cpu", torch.float64)
+    x = torch.randn(2, 5, 4, dtype=torch.bfloat16)
+    ids = torch.tensor([[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"backend='triton' cannot run gather_tokens on bfloat16"):
+        sslops.gather_tokens(x, ids, backend="triton")
+    with pytest.raises(ValueError, match=r"cannot run random_masking on bfloat16 .*computes float32, float16"):
+        sslops.random_masking(x, 0.5, backend="triton")
+    with pytest.raises(ValueError, match="cannot run restore_tokens on bfloat16"):
+        sslops.restore_tokens(x, _restore_ids(2, 6, torch.Generator().manual_seed(0)), x[0, 0], backend="triton")
+    xd = x.double()
+    assert torch.equal(sslops.gather_tokens(xd, ids, backend="triton"), sslops.gather_tokens(xd, ids, backend="cpu"))
 
 
 def _ids(B, N, K, gen, dtype=torch.int64):
@@ -209,6 +230,46 @@ def test_restore_gradcheck(backend):
     assert torch.autograd.gradcheck(f, (xv, mt), fast_mode=backend == "triton")
 
 
+def _second_order(fn, inputs, gen):
+    """d/d(inputs) of <d fn(inputs)/d inputs, v> for a quadratic loss of fn's output."""
+    out = fn(*inputs)
+    w = torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    grads = torch.autograd.grad((out * out * w).sum(), inputs, create_graph=True)
+    vs = [torch.randn(g.shape, generator=gen, dtype=g.dtype) for g in grads]
+    return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), inputs)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("op", ["gather", "restore", "random_masking"])
+def test_double_backward_matches_reference(backend, op):
+    """create_graph=True through the backward ops (issue: gather_tokens gave 0.0 for 32.0)."""
+    dtype = torch.float32 if backend == "triton" else torch.float64
+    B, L, D, P = 3, 9, 5, 1
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(B, L, D, generator=gen, dtype=dtype, requires_grad=True)
+    pos = torch.randn(1, L, D, generator=gen, dtype=dtype, requires_grad=True)
+    ids = torch.cat([_ids(B, L - P, 5, gen), _ids(B, L - P, 2, gen)], 1)  # repeats: gradients add up
+    xv = torch.randn(B, P + 4, D, generator=gen, dtype=dtype, requires_grad=True)
+    mt = torch.randn(D, generator=gen, dtype=dtype, requires_grad=True)
+    ir = _restore_ids(B, L - P, gen)
+    noise = torch.rand(B, L - P, generator=gen)
+    fns = {
+        "gather": (lambda x, pos, be: sslops.gather_tokens(x, ids, pos_embed=pos, num_prefix_tokens=P, backend=be),
+                   (x, pos)),
+        "restore": (lambda xv, mt, be: sslops.restore_tokens(xv, ir, mt, num_prefix_tokens=P, backend=be), (xv, mt)),
+        "random_masking": (lambda x, pos, be: sslops.random_masking(x, 0.5, noise=noise, pos_embed=pos,
+                                                                   num_prefix_tokens=P, backend=be)[0], (x, pos)),
+    }
+    fn, inputs = fns[op]
+    got = _second_order(lambda *a: fn(*a, backend), inputs, torch.Generator().manual_seed(5))
+    want = _second_order(lambda *a: fn(*a, "reference"), inputs, torch.Generator().manual_seed(5))
+    for g, r in zip(got, want):
+        assert r.abs().sum() > 0
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        assert torch.autograd.gradgradcheck(lambda *a: fn(*a, backend), inputs)
+
+
 @pytest.mark.parametrize("backend", CPU_AND_EMU)
 def test_gather_backward_repeats_zeros_and_pos_sum(backend):
     gen = torch.Generator().manual_seed(9)
@@ -331,6 +392,92 @@ def test_opcheck_triton_ops():
     torch.library.opcheck(restore_tokens_backward_triton, (gr, ir, xv.shape[1] - P, P))
 
 
+def _huge_row_stride_grad(rows, value_at):
+    """A (1, rows, 1) fp16 gradient whose row stride is 2**30 elements, so row 4
+    sits at element 2**32: int32 offset arithmetic wraps it to row 0.  The 8 GiB
+    buffer is never touched beyond the rows written (torch.empty maps it lazily)."""
+    try:
+        buf = torch.empty((rows - 1) * 2**30 + 1, dtype=torch.float16)
+    except RuntimeError as exc:  # pragma: no cover - a machine without 8 GiB of address space
+        pytest.skip(f"cannot reserve 8 GiB of virtual memory: {exc}")
+    g = buf.as_strided((1, rows, 1), (buf.numel(), 2**30, 1))
+    for r, v in value_at.items():
+        g[0, r, 0] = v
+    return g
+
+
+@needs_triton
+def test_triton_backward_offsets_are_int64():
+    """(P + k) * row_stride must not wrap in int32 (a transposed (L, B, D) gradient view
+    or >= 2**31 elements per sample reach it); here grad row 4 is at element 2**32."""
+    from sslops.triton_kernels import masking as tk
+
+    g = _huge_row_stride_grad(5, {0: 1.0, 4: 2.0})
+    # scatter: only grad row 4 maps to token 0 (out-of-range ids contribute nothing)
+    ids = torch.tensor([[-1, -1, -1, -1, 0]])
+    out = tk.gather_tokens_backward(g, ids, 1, 0)
+    assert out.item() == 2.0, f"read grad row {'0' if out.item() == 1.0 else '?'} instead of row 4"
+    # restore backward: no visible token, the mask token takes every position; only
+    # position 4 holds a valid index
+    ids_r = torch.tensor([[-1, -1, -1, -1, 0]])
+    grad_xv, grad_mt = tk.restore_tokens_backward(g, ids_r, 0, 0)
+    assert grad_xv.shape == (1, 0, 1) and grad_mt.item() == 2.0
+
+
+class _GuardRecorder:
+    """Stands in for triton_kernels._common.device_guard: records the device of each
+    guard and fails any Launch that runs outside one."""
+
+    def __init__(self, monkeypatch, module):
+        from sslops.triton_kernels import _common
+
+        self.devices, self.inside, self.launched = [], 0, []
+        run = _common.Launch.__call__
+
+        def launch(launch_self):
+            assert self.inside, f"{launch_self.kernel} launched outside device_guard"
+            self.launched.append(launch_self.kernel)
+            run(launch_self)
+
+        monkeypatch.setattr(module, "device_guard", self.guard)
+        monkeypatch.setattr(_common.Launch, "__call__", launch)
+
+    @contextlib.contextmanager
+    def guard(self, t):
+        self.devices.append(t.device)
+        self.inside += 1
+        try:
+            yield
+        finally:
+            self.inside -= 1
+
+
+def test_device_guard_targets_the_tensors_gpu():
+    """The guard of a tensor on cuda:1 switches to cuda:1 (a mock tensor: no GPU here)."""
+    from sslops.triton_kernels._common import device_guard
+
+    class OnCuda1:
+        is_cuda = True
+        device = torch.device("cuda", 1)
+
+    g = device_guard(OnCuda1())
+    assert isinstance(g, torch.cuda.device) and g.idx == 1
+    assert isinstance(device_guard(torch.zeros(1)), contextlib.nullcontext)
+
+
+@needs_triton
+def test_triton_launches_run_under_device_guard(monkeypatch):
+    from sslops.triton_kernels import masking as tk
+
+    rec = _GuardRecorder(monkeypatch, tk)
+    x, pos, ids, P, xv, mt, ir, g, gr = _op_samples()
+    tk.gather_tokens(x, ids, pos, P)
+    tk.gather_tokens_backward(g, ids, x.shape[1], P)
+    tk.restore_tokens(xv, ir, mt, P)
+    tk.restore_tokens_backward(gr, ir, xv.shape[1] - P, P)
+    assert len(rec.launched) == 4 and rec.devices == [x.device] * 4
+
+
 def _mae_like(backend):
     def f(x, pos, noise, mt):
         xm, mask, ids_restore = sslops.random_masking(x, 0.75, noise=noise, pos_embed=pos, num_prefix_tokens=1,
@@ -413,6 +560,8 @@ def test_bad_inputs_random_masking():
         sslops.random_masking(x, 0.5, noise=torch.rand(2, 5), num_prefix_tokens=1)
     with pytest.raises(ValueError, match="noise must be 2-D"):
         sslops.random_masking(x, 0.5, noise=torch.rand(10))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):  # was AttributeError
+        sslops.random_masking(x, 0.5, generator="abc")
 
 
 def test_bad_inputs_restore():
@@ -527,6 +676,11 @@ def test_block_masking_bad_args():
         sslops.block_masking(2, (14, 14), mask_length=0)
     with pytest.raises(ValueError, match="pred_scale"):
         sslops.block_masking(2, (14, 14), kind="ijepa", pred_scale=(0.3, 0.2))
+    for kind in ("data2vec", "ijepa"):  # was a reshape / min() RuntimeError from deep inside
+        with pytest.raises(ValueError, match=r"batch must be >= 1, got 0"):
+            sslops.block_masking(0, (14, 14), kind=kind)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):
+        sslops.block_masking(2, (14, 14), generator="abc")
 
 
 def test_block_masks_feed_gather():

@@ -13,8 +13,8 @@ the same (image dtype, output dtype, kernel_size, antialias, tile sizes).
 
 Design (two kernels, three launches, no image-sized intermediate buffer)
 -----------------------------------------------------------------------
-``_contrast_mean_kernel`` (pass 0), grid (N, tiles).  adjust_contrast blends with the mean
-    of the grayscale of the image *as it is when contrast runs*, i.e. after the jitter ops
+``_contrast_mean_kernel`` (pass 0), grid (N, tile columns, tile rows).  adjust_contrast
+    blends with the mean of the grayscale of the image *as it is when contrast runs*, i.e. after the jitter ops
     that precede contrast in that sample's order.  Each program recomputes its output tile
     up to (not including) contrast -- crop/resize from the source, then the preceding ops
     (flip does not change a mean) -- and writes the tile's grayscale sum to an (N, tiles)
@@ -22,11 +22,11 @@ Design (two kernels, three launches, no image-sized intermediate buffer)
     contrast factor exactly 1 (a bit-exact identity), skip the work and write 0.  The
     consumer reduces the partials in a fixed order: deterministic, no atomics.
 
-``_augment_kernel`` (pass 1), grid (N, tiles of T x T output pixels), launched twice: once
+``_augment_kernel`` (pass 1), grid (N, T x T tile columns, rows), launched twice: once
     specialised for views without blur (BLUR=False) and once for views with blur
     (BLUR=True); in each launch the programs of the other views exit after loading sigma.
-    (One kernel with a runtime branch would work too, but the blur path needs ~255
-    registers/thread on sm_90 and would cap the occupancy of the plain path at that.)
+    (One kernel with a runtime branch would work too, but the blur path needs ~128
+    registers/thread at 16 warps and would cap the occupancy of the plain path at that.)
     Each program reduces its view's partial sums to the contrast mean and evaluates the
     per-pixel pipeline ``_pixels`` (crop/resize straight from the uint8 / float source
     through the caller's strides, flip, jitter in order, grayscale) in registers, then
@@ -63,10 +63,13 @@ kernels run on CPU tensors (fp32/fp16 only: numpy has no bf16).
 from __future__ import annotations
 
 import os
+from typing import List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
+
+from ._common import Launch, capability, device_guard
 
 __all__ = ["augment_views"]
 
@@ -249,11 +252,15 @@ def _axis_params(extent, size, ANTIALIAS: tl.constexpr):
 
 
 @triton.jit
-def _load_sample(crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n):
-    top = tl.load(crop_ptr + 4 * n + 0).to(tl.int32)
-    left = tl.load(crop_ptr + 4 * n + 1).to(tl.int32)
-    ch = tl.load(crop_ptr + 4 * n + 2).to(tl.int32)
-    cw = tl.load(crop_ptr + 4 * n + 3).to(tl.int32)
+def _load_sample(crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n, H, W):
+    # the crop clamped to the H x W image, in int64 before narrowing (memory safety for
+    # unvalidated parameters, as the CUDA kernel does; valid crops pass unchanged)
+    top = tl.minimum(tl.maximum(tl.load(crop_ptr + 4 * n + 0), 0), H - 1)
+    left = tl.minimum(tl.maximum(tl.load(crop_ptr + 4 * n + 1), 0), W - 1)
+    ch = tl.minimum(tl.maximum(tl.load(crop_ptr + 4 * n + 2), 1), H - top).to(tl.int32)
+    cw = tl.minimum(tl.maximum(tl.load(crop_ptr + 4 * n + 3), 1), W - left).to(tl.int32)
+    top = top.to(tl.int32)
+    left = left.to(tl.int32)
     o0 = tl.load(order_ptr + 4 * n + 0).to(tl.int32)
     o1 = tl.load(order_ptr + 4 * n + 1).to(tl.int32)
     o2 = tl.load(order_ptr + 4 * n + 2).to(tl.int32)
@@ -271,23 +278,24 @@ def _load_sample(crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_pt
 # ----------------------------------------------------------------------------------------
 @triton.jit
 def _contrast_mean_kernel(
-    img_ptr, s_n, s_c, s_h, s_w,
+    img_ptr, s_n, s_c, s_h, s_w, H, W,
     crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr,
     part_ptr, n_images, size, n_tiles_x, n_tiles,
     IN_SCALE: tl.constexpr, ANTIALIAS: tl.constexpr, T: tl.constexpr,
 ):
     n = tl.program_id(0)
-    tile = tl.program_id(1)
+    tx = tl.program_id(1)  # tile column; tile row on axis 2 (CUDA allows 65535 per axis)
+    ty = tl.program_id(2)
     top, left, ch, cw, o0, o1, o2, o3, jit, bri, con, sat, hue = _load_sample(
-        crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n)
+        crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n, H, W)
     total = 0.0
     if jit & (con != 1.0):
         # contrast's position in the order = number of ops that run before it
         n_ops = tl.where(o0 == 1, 0, tl.where(o1 == 1, 1, tl.where(o2 == 1, 2, 3)))
         sc_y, sup_y, inv_y, nt_y = _axis_params(ch, size, ANTIALIAS)
         sc_x, sup_x, inv_x, nt_x = _axis_params(cw, size, ANTIALIAS)
-        oy = (tile // n_tiles_x) * T + tl.arange(0, T)[:, None]
-        ox = (tile % n_tiles_x) * T + tl.arange(0, T)[None, :]
+        oy = ty * T + tl.arange(0, T)[:, None]
+        ox = tx * T + tl.arange(0, T)[None, :]
         base = (n % n_images).to(tl.int64) * s_n
         r, g, b = _pixels(img_ptr, base, s_c, s_h, s_w, top, left, ch, cw,
                           tl.minimum(oy, size - 1), tl.minimum(ox, size - 1), size, False,
@@ -295,7 +303,7 @@ def _contrast_mean_kernel(
                           o0, o1, o2, o3, n_ops, bri, con, sat, hue, 0.0, False, IN_SCALE)
         l = tl.where((oy < size) & (ox < size), _gray(r, g, b), 0.0)
         total = tl.sum(tl.sum(l, axis=1), axis=0)
-    tl.store(part_ptr + n * n_tiles + tile, total)
+    tl.store(part_ptr + n.to(tl.int64) * n_tiles + (ty * n_tiles_x + tx), total)
 
 
 # ----------------------------------------------------------------------------------------
@@ -310,11 +318,11 @@ def _gauss(d, K: tl.constexpr, inv_s, inv_z):
 
 @triton.jit
 def _augment_kernel(
-    img_ptr, s_n, s_c, s_h, s_w,
+    img_ptr, s_n, s_c, s_h, s_w, H, W,
     crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr,
     flip_ptr, gray_ptr, sigma_ptr, sol_ptr,
     part_ptr, n_parts, out_ptr, o_n, o_c, o_h, o_w,
-    n_images, size, n_tiles_x,
+    n_images, size, n_tiles_x, inv_area,
     m0, m1, m2, r0, r1, r2,
     IN_SCALE: tl.constexpr, ANTIALIAS: tl.constexpr, BLUR: tl.constexpr,
     T: tl.constexpr, CH: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
@@ -325,7 +333,8 @@ def _augment_kernel(
     a runtime branch, so that the register-hungry blur path does not cap the occupancy of
     the plain one."""
     n = tl.program_id(0)
-    tile = tl.program_id(1)
+    tx = tl.program_id(1)  # tile column; tile row on axis 2
+    ty = tl.program_id(2)
     sigma = tl.load(sigma_ptr + n).to(tl.float32)
     if BLUR:
         active = sigma > 0.0
@@ -333,7 +342,7 @@ def _augment_kernel(
         active = sigma <= 0.0
     if active:
         top, left, ch, cw, o0, o1, o2, o3, jit, bri, con, sat, hue = _load_sample(
-            crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n)
+            crop_ptr, order_ptr, jit_ptr, bri_ptr, con_ptr, sat_ptr, hue_ptr, n, H, W)
         flip = tl.load(flip_ptr + n).to(tl.int32) != 0
         gray = tl.load(gray_ptr + n).to(tl.int32) != 0
         sol = tl.load(sol_ptr + n).to(tl.int32) != 0
@@ -341,14 +350,16 @@ def _augment_kernel(
 
         # contrast mean from pass 0's partial sums (fixed summation order)
         tid = tl.arange(0, NPP)
-        parts = tl.load(part_ptr + n * n_parts + tid, mask=tid < n_parts, other=0.0)
-        cmean = tl.sum(parts, axis=0) / (size * size).to(tl.float32)
+        parts = tl.load(part_ptr + n.to(tl.int64) * n_parts + tid, mask=tid < n_parts, other=0.0)
+        # inv_area = 1 / size^2 from the host (a float: never specialised, whereas
+        # size == 1 is a constexpr in a GPU launch and (size * size).to() fails there)
+        cmean = tl.sum(parts, axis=0) * inv_area
 
         sc_y, sup_y, inv_y, nt_y = _axis_params(ch, size, ANTIALIAS)
         sc_x, sup_x, inv_x, nt_x = _axis_params(cw, size, ANTIALIAS)
         base = (n % n_images).to(tl.int64) * s_n  # view n cuts image n % B
-        y0 = (tile // n_tiles_x) * T
-        x0 = (tile % n_tiles_x) * T
+        y0 = ty * T
+        x0 = tx * T
         oy = y0 + tl.arange(0, T)[:, None]
         ox = x0 + tl.arange(0, T)[None, :]
 
@@ -400,30 +411,40 @@ def _augment_kernel(
         b = (b - m2) / r2
         mask = (oy < size) & (ox < size)
         p = out_ptr + n.to(tl.int64) * o_n + oy * o_h + ox * o_w
-        ty = out_ptr.dtype.element_ty
-        tl.store(p, r.to(ty), mask=mask)
-        tl.store(p + o_c, g.to(ty), mask=mask)
-        tl.store(p + 2 * o_c, b.to(ty), mask=mask)
+        out_ty = out_ptr.dtype.element_ty
+        tl.store(p, r.to(out_ty), mask=mask)
+        tl.store(p + o_c, g.to(out_ty), mask=mask)
+        tl.store(p + 2 * o_c, b.to(out_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------
-def _configs(size: int, device: torch.device):
+def _configs(size: int, cap: Optional[Tuple[int, int]]):
     """Tile edges and warps: (mean pass T, num_warps), (plain views T, num_warps), (blurred
-    views T, CH, num_warps).  Tiles are powers of two, >= 16 for tl.dot.
+    views T, CH, num_warps).  Tiles are powers of two, >= 16 for tl.dot.  ``cap`` is the
+    GPU's compute capability (None: the interpreter).
 
-    sm_90 register counts from ptxas (no GPU was available to time them): mean pass T=32/8
-    warps, plain view kernel T=32/8 warps and blur kernel T=32/CH=16/8 warps compile
-    without spills; the blur kernel needs ~255 registers/thread whatever the tiles (FMA
-    fp32 dots), hence its own specialisation.
+    Register reports of ptxas (tests/test_triton_compile.py; no GPU was available to time
+    them), sm_80 and sm_90 alike: the blur kernel needs 16 warps.  With 8 (or 4) it hits
+    255 registers per thread and spills 1.2-4.4 KB per thread (fp32 and fp16 outputs,
+    any tile); with 16 it takes 117-128 registers and spills nothing, with the same
+    register file per block (one 512-thread block per SM instead of one of 256 threads).
+    Up to 32 px (CIFAR) the blur tile is 16: T = 32 spills ~90 B there on sm_90 (k = 3).
     """
-    if device.type != "cuda":  # interpreter: few, small programs; tiling still exercised
+    if cap is None:  # interpreter: few, small programs; tiling still exercised
         t = 16 if size <= 16 else 32
         return (t, 4), (16, 4), (16, 16, 4)
     if size <= 16:
-        return (16, 4), (16, 4), (16, 16, 4)
-    return (32, 8), (32, 8), (32, 16, 8)
+        return (16, 4), (16, 4), (16, 16, 16)
+    if size <= 32:
+        return (32, 8), (32, 8), (16, 16, 16)
+    return (32, 8), (32, 8), (32, 16, 16)
+
+
+def _n_parts(size: int, cap) -> int:
+    """Columns of pass 0's partial-sum buffer: its tiles per view."""
+    return triton.cdiv(size, _configs(size, cap)[0][0]) ** 2
 
 
 def _param(t: torch.Tensor, name: str, B: int, device, shape_tail=()):
@@ -479,32 +500,47 @@ def augment_views(images, crop, flip, jitter, brightness, contrast, saturation, 
         out.fill_(float("nan"))
     if N == 0:
         return out
+    cap = capability(images)
+    partials = torch.empty((N, _n_parts(size, cap)), dtype=torch.float32, device=dev)
+    launches = _launches(images, crop, flip, jitter, brightness, contrast, saturation, hue, order, grayscale,
+                         blur_sigma, solarize, size, kernel_size, antialias, mean, std, out, partials, cap)
+    with device_guard(images):
+        for launch in launches:
+            launch()
+    return out
 
-    (tm, wm), (tp, wp), (tb, cb, wb) = _configs(size, dev)
+
+def _launches(images, crop, flip, jitter, brightness, contrast, saturation, hue, order, grayscale, blur_sigma,
+              solarize, size: int, kernel_size: int, antialias: bool, mean, std, out, partials,
+              cap: Optional[Tuple[int, int]]) -> List[Launch]:
+    """The three launches of one call (pass 0, then pass 1 without and with blur) on the
+    GPU of compute capability ``cap`` (None: the interpreter).  ``partials`` is the
+    (N, tiles of pass 0) fp32 buffer.  Works on meta tensors (the compile test)."""
+    N = crop.shape[0]
+    B = images.shape[0]
+    (tm, wm), (tp, wp), (tb, cb, wb) = _configs(size, cap)
     in_scale = 1.0 / 255.0 if images.dtype == torch.uint8 else 1.0
     s_n, s_c, s_h, s_w = images.stride()
     o_n, o_c, o_h, o_w = out.stride()
-    common = (images, s_n, s_c, s_h, s_w, crop, order, jitter, brightness, contrast, saturation, hue)
+    H, W = images.shape[2], images.shape[3]
+    common = (images, s_n, s_c, s_h, s_w, H, W, crop, order, jitter, brightness, contrast, saturation, hue)
 
     # pass 0: per-tile grayscale sums for contrast (fp32, N x tiles)
     ntx = triton.cdiv(size, tm)
     n_parts = ntx * ntx
-    partials = torch.empty((N, n_parts), dtype=torch.float32, device=dev)
-    _contrast_mean_kernel[(N, n_parts)](
-        *common, partials, B, size, ntx, n_parts,
-        IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=tm, num_warps=wm,
-    )
+    assert tuple(partials.shape) == (N, n_parts) == (N, _n_parts(size, cap)), "partials: (N, tiles of pass 0)"
+    # grids: views on axis 0, tile columns and rows on axes 1 and 2 (CUDA allows 65535 on
+    # each; a (N, tiles) grid put 65536 tiles on axis 1 from size 8161 with T = 32)
+    launches = [Launch(_contrast_mean_kernel, (N, ntx, ntx), (*common, partials, B, size, ntx, n_parts),
+                       dict(IN_SCALE=in_scale, ANTIALIAS=bool(antialias), T=tm, num_warps=wm))]
     # pass 1: the views, once specialised for samples without blur and once for those with
     for blur, t, chunk, warps in ((False, tp, 16, wp), (True, tb, cb, wb)):
         ntx = triton.cdiv(size, t)
-        _augment_kernel[(N, ntx * ntx)](
-            *common, flip, grayscale, blur_sigma, solarize,
-            partials, n_parts, out, o_n, o_c, o_h, o_w,
-            B, size, ntx,
-            mean[0], mean[1], mean[2], std[0], std[1], std[2],
-            IN_SCALE=in_scale, ANTIALIAS=bool(antialias), BLUR=blur, T=t, CH=chunk,
-            K=kernel_size if blur else 1, KP=triton.next_power_of_2(kernel_size) if blur else 1,
-            NCH=triton.cdiv(t + kernel_size - 1, chunk) if blur else 1,
-            NPP=triton.next_power_of_2(n_parts), num_warps=warps,
-        )
-    return out
+        args = (*common, flip, grayscale, blur_sigma, solarize, partials, n_parts, out, o_n, o_c, o_h, o_w,
+                B, size, ntx, 1.0 / (size * size), mean[0], mean[1], mean[2], std[0], std[1], std[2])
+        kwargs = dict(IN_SCALE=in_scale, ANTIALIAS=bool(antialias), BLUR=blur, T=t, CH=chunk,
+                      K=kernel_size if blur else 1, KP=triton.next_power_of_2(kernel_size) if blur else 1,
+                      NCH=triton.cdiv(t + kernel_size - 1, chunk) if blur else 1,
+                      NPP=triton.next_power_of_2(n_parts), num_warps=warps)
+        launches.append(Launch(_augment_kernel, (N, ntx, ntx), args, kwargs))
+    return launches

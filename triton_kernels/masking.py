@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .._checks import new_output
+from ._common import Launch, device_guard
 
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -52,6 +53,7 @@ def _gather_kernel(x_ptr, ids_ptr, pos_ptr, out_ptr, R, P, N, D,
     src = tl.where(is_patch, P + idx, r)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)  # every offset is int64: strides may be large (permuted views)
     m = dmask & valid
     v = tl.load(x_ptr + b * sxb + src * sxl + offs * sxd, mask=m, other=0.0)
     if HAS_POS:
@@ -70,11 +72,13 @@ def _scatter_kernel(g_ptr, ids_ptr, out_ptr, L, P, K, D,
     l = row % L
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     # prefix rows: a copy of the same row of grad
     acc = tl.load(g_ptr + b * sgb + l * sgl + offs * sgd, mask=dmask & (l < P), other=0.0).to(ACC)
     n = tl.where(l >= P, l - P, -2)  # -2 never matches: prefix rows take no patch rows
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        # int64: (P + k) * stride overflows int32 for large gradients or transposed views
+        ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         ids = tl.load(ids_ptr + b * sib + ks * sik, mask=ks < K, other=-1).to(tl.int64)
         match = ids == n
         tile = tl.load(g_ptr + b * sgb + (P + ks[:, None]) * sgl + offs[None, :] * sgd,
@@ -96,6 +100,7 @@ def _restore_kernel(x_ptr, ids_ptr, mt_ptr, out_ptr, R, P, K, N, D,
     src = tl.where(is_patch, P + j, r)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     vx = tl.load(x_ptr + b * sxb + src * sxl + offs * sxd, mask=dmask & valid & use_x, other=0.0)
     vm = tl.load(mt_ptr + offs * smd, mask=dmask & valid & (~use_x), other=0.0)
     v = tl.where(use_x, vx, vm)
@@ -116,10 +121,11 @@ def _restore_backward_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, P, K, N, D,
     is_mask_row = r == P + K
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     dmask = offs < D
+    offs = offs.to(tl.int64)
     acc = tl.load(g_ptr + b * sgb + r * sgl + offs * sgd, mask=dmask & (r < P), other=0.0).to(ACC)
     k = tl.where(r >= P, r - P, -2)
     for n0 in range(0, N, BLOCK_N):
-        ns = n0 + tl.arange(0, BLOCK_N)
+        ns = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # int64 offsets, as in _scatter_kernel
         ids = tl.load(ids_ptr + b * sib + ns * sin, mask=ns < N, other=-1).to(tl.int64)
         match = tl.where(is_mask_row, (ids >= K) & (ids < N), ids == k)
         tile = tl.load(g_ptr + b * sgb + (P + ns[:, None]) * sgl + offs[None, :] * sgd,
@@ -131,71 +137,99 @@ def _restore_backward_kernel(g_ptr, ids_ptr, gx_ptr, part_ptr, P, K, N, D,
 
 
 # ----------------------------------------------------------------------------
-# Launchers (argument checks are done by sslops.masking)
+# Launches (argument checks are done by sslops.masking).  The *_launch functions
+# build the launch from the tensors (meta tensors work: the compile test uses
+# them); the launchers allocate the outputs and run it on the inputs' device.
 # ----------------------------------------------------------------------------
-def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed, num_prefix_tokens: int) -> torch.Tensor:
+def _gather_launch(x, ids_keep, pos_embed, num_prefix_tokens: int, out) -> Launch:
     B, L, D = x.shape
     P, K = num_prefix_tokens, ids_keep.shape[1]
-    out = new_output(B, P + K, D, like=x)
-    if out.numel() == 0:
-        return out
     has_pos = pos_embed is not None
     pos = pos_embed if has_pos else x
     spb = 0 if (has_pos and pos.shape[0] == 1) else pos.stride(0)
     BLOCK_D = _block_d(D, 1024)
     grid = (B * (P + K), triton.cdiv(D, BLOCK_D))
-    _gather_kernel[grid](x, ids_keep, pos, out, P + K, P, L - P, D,
-                         x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), ids_keep.stride(1),
-                         spb, pos.stride(1), pos.stride(2), HAS_POS=has_pos, ACC=_acc_dtype(x.dtype),
-                         BLOCK_D=BLOCK_D)
+    args = (x, ids_keep, pos, out, P + K, P, L - P, D,
+            x.stride(0), x.stride(1), x.stride(2), ids_keep.stride(0), ids_keep.stride(1),
+            spb, pos.stride(1), pos.stride(2))
+    return Launch(_gather_kernel, grid, args, dict(HAS_POS=has_pos, ACC=_acc_dtype(x.dtype), BLOCK_D=BLOCK_D))
+
+
+def _scatter_launch(grad, ids_keep, seq_len: int, num_prefix_tokens: int, out) -> Launch:
+    B, _, D = grad.shape
+    P, K = num_prefix_tokens, ids_keep.shape[1]
+    BLOCK_D = _block_d(D, 256)
+    BLOCK_K = 32 if K > 16 else 16
+    grid = (B * seq_len, triton.cdiv(D, BLOCK_D))
+    args = (grad, ids_keep, out, seq_len, P, K, D,
+            grad.stride(0), grad.stride(1), grad.stride(2), ids_keep.stride(0), ids_keep.stride(1))
+    return Launch(_scatter_kernel, grid, args, dict(ACC=_acc_dtype(grad.dtype), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D))
+
+
+def _restore_launch(x_visible, ids_restore, mask_token, num_prefix_tokens: int, out) -> Launch:
+    B, R_in, D = x_visible.shape
+    P, N = num_prefix_tokens, ids_restore.shape[1]
+    BLOCK_D = _block_d(D, 1024)
+    grid = (B * (P + N), triton.cdiv(D, BLOCK_D))
+    args = (x_visible, ids_restore, mask_token, out, P + N, P, R_in - P, N, D,
+            x_visible.stride(0), x_visible.stride(1), x_visible.stride(2),
+            ids_restore.stride(0), ids_restore.stride(1), mask_token.stride(0))
+    return Launch(_restore_kernel, grid, args, dict(BLOCK_D=BLOCK_D))
+
+
+def _restore_backward_launch(grad, ids_restore, num_visible: int, num_prefix_tokens: int, grad_xv,
+                             partial) -> Launch:
+    B, _, D = grad.shape
+    P, K, N = num_prefix_tokens, num_visible, ids_restore.shape[1]
+    BLOCK_D = _block_d(D, 256)
+    BLOCK_N = 32 if N > 16 else 16
+    grid = (B * (P + K + 1), triton.cdiv(D, BLOCK_D))
+    args = (grad, ids_restore, grad_xv, partial, P, K, N, D,
+            grad.stride(0), grad.stride(1), grad.stride(2), ids_restore.stride(0), ids_restore.stride(1))
+    return Launch(_restore_backward_kernel, grid, args,
+                  dict(ACC=_acc_dtype(grad.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D))
+
+
+def _partial_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def gather_tokens(x: torch.Tensor, ids_keep: torch.Tensor, pos_embed, num_prefix_tokens: int) -> torch.Tensor:
+    B, _, D = x.shape
+    out = new_output(B, num_prefix_tokens + ids_keep.shape[1], D, like=x)
+    if out.numel() > 0:
+        with device_guard(x):
+            _gather_launch(x, ids_keep, pos_embed, num_prefix_tokens, out)()
     return out
 
 
 def gather_tokens_backward(grad: torch.Tensor, ids_keep: torch.Tensor, seq_len: int,
                            num_prefix_tokens: int) -> torch.Tensor:
     B, _, D = grad.shape
-    P, K = num_prefix_tokens, ids_keep.shape[1]
     out = new_output(B, seq_len, D, like=grad)
-    if out.numel() == 0:
-        return out
-    BLOCK_D = _block_d(D, 256)
-    BLOCK_K = 32 if K > 16 else 16
-    grid = (B * seq_len, triton.cdiv(D, BLOCK_D))
-    _scatter_kernel[grid](grad, ids_keep, out, seq_len, P, K, D,
-                          grad.stride(0), grad.stride(1), grad.stride(2), ids_keep.stride(0), ids_keep.stride(1),
-                          ACC=_acc_dtype(grad.dtype), BLOCK_K=BLOCK_K, BLOCK_D=BLOCK_D)
+    if out.numel() > 0:
+        with device_guard(grad):
+            _scatter_launch(grad, ids_keep, seq_len, num_prefix_tokens, out)()
     return out
 
 
 def restore_tokens(x_visible: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
                    num_prefix_tokens: int) -> torch.Tensor:
-    B, R_in, D = x_visible.shape
-    P, N = num_prefix_tokens, ids_restore.shape[1]
-    out = new_output(B, P + N, D, like=x_visible)
-    if out.numel() == 0:
-        return out
-    BLOCK_D = _block_d(D, 1024)
-    grid = (B * (P + N), triton.cdiv(D, BLOCK_D))
-    _restore_kernel[grid](x_visible, ids_restore, mask_token, out, P + N, P, R_in - P, N, D,
-                          x_visible.stride(0), x_visible.stride(1), x_visible.stride(2),
-                          ids_restore.stride(0), ids_restore.stride(1), mask_token.stride(0), BLOCK_D=BLOCK_D)
+    B, _, D = x_visible.shape
+    out = new_output(B, num_prefix_tokens + ids_restore.shape[1], D, like=x_visible)
+    if out.numel() > 0:
+        with device_guard(x_visible):
+            _restore_launch(x_visible, ids_restore, mask_token, num_prefix_tokens, out)()
     return out
 
 
 def restore_tokens_backward(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
                             num_prefix_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     B, _, D = grad.shape
-    P, K, N = num_prefix_tokens, num_visible, ids_restore.shape[1]
-    grad_xv = new_output(B, P + K, D, like=grad)
-    acc_dtype = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    partial = new_output(B, D, like=grad, dtype=acc_dtype)
-    if B * D > 0:
-        BLOCK_D = _block_d(D, 256)
-        BLOCK_N = 32 if N > 16 else 16
-        grid = (B * (P + K + 1), triton.cdiv(D, BLOCK_D))
-        _restore_backward_kernel[grid](grad, ids_restore, grad_xv, partial, P, K, N, D,
-                                       grad.stride(0), grad.stride(1), grad.stride(2),
-                                       ids_restore.stride(0), ids_restore.stride(1),
-                                       ACC=_acc_dtype(grad.dtype), BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D)
-    grad_mt = partial.sum(0).to(grad.dtype)
+    grad_xv = new_output(B, num_prefix_tokens + num_visible, D, like=grad)
+    partial = new_output(B, D, like=grad, dtype=_partial_dtype(grad.dtype))
+    with device_guard(grad):
+        if B * D > 0:
+            _restore_backward_launch(grad, ids_restore, num_visible, num_prefix_tokens, grad_xv, partial)()
+        grad_mt = partial.sum(0).to(grad.dtype)
     return grad_xv, grad_mt

@@ -145,12 +145,15 @@ SSLOPS_HD void pointwise_jitter(int op, float& r, float& g, float& b, float bri,
 // it needs the mean gray value of the image after the ops before it).
 // Identity factors are skipped (brightness/contrast/saturation 1, hue 0): on
 // images in [0, 1] they change nothing but rounding.  Unknown op codes are
-// ignored (the Python layer rejects them).
+// ignored (the Python layer rejects them).  The op lists are packed 2 bits per
+// op into an int (op k at bits 2k, 2k + 1), so that a GPU thread keeps the plan
+// in registers: indexing an array with a loop counter puts it in local memory.
 struct JitterPlan {
-  int n_pre = 0, n_post = 0;  // point-wise ops before / after contrast
-  int pre[4] = {0, 0, 0, 0};
-  int post[4] = {0, 0, 0, 0};
-  bool contrast = false;  // apply contrast (factor != 1)
+  int n_pre = 0, n_post = 0;  // point-wise ops before / after contrast (<= 3)
+  int pre = 0, post = 0;      // their op codes, packed
+  bool contrast = false;      // apply contrast (factor != 1)
+  SSLOPS_HD int pre_op(int k) const { return (pre >> (2 * k)) & 3; }
+  SSLOPS_HD int post_op(int k) const { return (post >> (2 * k)) & 3; }
 };
 
 SSLOPS_HD JitterPlan plan_jitter(bool jitter, const int64_t* order, float bri, float con, float sat, float hue_f) {
@@ -168,9 +171,9 @@ SSLOPS_HD JitterPlan plan_jitter(bool jitter, const int64_t* order, float bri, f
                         (op == kHue && hue_f != 0.0f);
     if (!active) continue;
     if (after) {
-      plan.post[plan.n_post++] = op;
+      plan.post |= op << (2 * plan.n_post++);
     } else {
-      plan.pre[plan.n_pre++] = op;
+      plan.pre |= op << (2 * plan.n_pre++);
     }
   }
   return plan;

@@ -98,7 +98,8 @@ inline void check_values(const Config& cfg, const int64_t* crop, const int64_t* 
                          const float* con, const float* sat, const float* hue_f, const float* sigma, const char* op) {
   for (int64_t n = 0; n < cfg.N; ++n) {
     const int64_t* c = crop + 4 * n;
-    TORCH_CHECK(c[0] >= 0 && c[1] >= 0 && c[2] >= 1 && c[3] >= 1 && c[0] + c[2] <= cfg.H && c[1] + c[3] <= cfg.W,
+    // No sums of crop values: top + height wraps in int64 for a huge top (H - top cannot).
+    TORCH_CHECK(c[0] >= 0 && c[1] >= 0 && c[2] >= 1 && c[3] >= 1 && c[2] <= cfg.H - c[0] && c[3] <= cfg.W - c[1],
                 op, ": crop[", n, "] = (top=", c[0], ", left=", c[1], ", height=", c[2], ", width=", c[3],
                 ") is not inside the ", cfg.H, "x", cfg.W, " image");
     const int64_t* o = order + 4 * n;

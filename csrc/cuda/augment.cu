@@ -2,7 +2,7 @@
 // per-view order, grayscale, gaussian blur, solarize and normalize, fused.
 // The per-pixel math is csrc/common/augment.h (shared with the CPU kernel).
 //
-// Three launches, none of which writes an image-sized intermediate:
+// Four launches, none of which writes an image-sized intermediate:
 //
 //   prep_kernel      <<<N, 256>>>        per view: the resampling taps of its
 //                    crop (rows, and columns with the flip folded in) and its
@@ -17,8 +17,9 @@
 //                    writes one partial sum of gray(r, g, b) per (view, band);
 //                    the main kernel sums a view's partials in a fixed order:
 //                    deterministic, no atomics, no fp32 intermediate image.
-//   main_kernel      <<<(N, tiles), 256>>> one 32 x 32 output tile
-//                    of one view per block.  Without blur, each thread computes
+//   main_kernel      <<<(N, tiles x, tiles y), 256>>> twice: the views without
+//                    blur (no shared memory), then those with blur; one 32 x 32
+//                    output tile of one view per block.  Without blur, each thread computes
 //                    its pixels start to end (resample, flip, jitter, grayscale,
 //                    solarize, normalize) and stores them.  With blur, the block
 //                    first computes the pre-blur pixels of the tile plus a halo
@@ -49,6 +50,9 @@ namespace {
 constexpr int kTile = 32;       // output tile side of main_kernel
 constexpr int kThreads = 256;   // threads per block of every kernel
 constexpr int kBandRows = 8;    // rows per block of contrast_kernel
+// Blocks per SM the main and contrast kernels are register-limited to (ptxas
+// caps them at 65536 / (kThreads * kMinBlocks) registers per thread).
+constexpr int kMinBlocks = 4;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -98,8 +102,27 @@ __device__ __forceinline__ Crop view_crop(const Args& a, int64_t n) {
   return r;
 }
 
-__device__ __forceinline__ JitterPlan view_plan(const Args& a, int64_t n) {
-  return plan_jitter(a.jitter[n], a.order + 4 * n, a.bri[n], a.con[n], a.sat[n], a.hue[n]);
+// What one block needs of its view, loaded once (registers) instead of per pixel.
+template <typename in_t>
+struct View {
+  int64_t n;
+  const in_t* img;  // the view's source image, moved to its crop's top-left corner
+  JitterPlan plan;
+  float bri, con, sat, hue;
+};
+
+template <typename in_t>
+__device__ __forceinline__ View<in_t> load_view(const Args& a, const in_t* __restrict__ src, int64_t n) {
+  View<in_t> v;
+  v.n = n;
+  const Crop c = view_crop(a, n);
+  v.img = src + (n % a.B) * a.sB + static_cast<int64_t>(c.top) * a.sH + static_cast<int64_t>(c.left) * a.sW;
+  v.bri = a.bri[n];
+  v.con = a.con[n];
+  v.sat = a.sat[n];
+  v.hue = a.hue[n];
+  v.plan = plan_jitter(a.jitter[n], a.order + 4 * n, v.bri, v.con, v.sat, v.hue);
+  return v;
 }
 
 // ---- 1. taps and gaussian weights ----
@@ -127,28 +150,28 @@ __global__ void prep_kernel(Args a) {
   }
 }
 
-// Resampled pixel (y, x) of view n on the [0, 1] scale (the flip is in the column taps).
+// Resampled pixel (y, x) of a view on the [0, 1] scale (the flip is in the column taps).
+// Offsets inside one image are int32 (the host checks that they fit): fewer registers.
 template <typename in_t>
-__device__ __forceinline__ void resample_pixel(const Args& a, const in_t* __restrict__ src, int64_t n, const Crop& c,
-                                               int y, int x, float& r, float& g, float& b) {
-  const int64_t rs = (n * 2 + 0) * a.S + y;
-  const int64_t cs = (n * 2 + 1) * a.S + x;
+__device__ __forceinline__ void resample_pixel(const Args& a, const View<in_t>& v, int y, int x, float& r, float& g,
+                                               float& b) {
+  const int64_t rs = (v.n * 2 + 0) * a.S + y;
+  const int64_t cs = (v.n * 2 + 1) * a.S + x;
   const int y0 = a.taps_i[rs * 2], ny = a.taps_i[rs * 2 + 1];
   const int x0 = a.taps_i[cs * 2], nx = a.taps_i[cs * 2 + 1];
   const float* wy = a.taps_w + rs * a.T;
   const float* wx = a.taps_w + cs * a.T;
-  const in_t* img = src + (n % a.B) * a.sB + static_cast<int64_t>(c.top + y0) * a.sH +
-                    static_cast<int64_t>(c.left + x0) * a.sW;
+  const int sH = static_cast<int>(a.sH), sW = static_cast<int>(a.sW), sC = static_cast<int>(a.sC);
+  const in_t* img = v.img + (y0 * sH + x0 * sW);
   float ar = 0.0f, ag = 0.0f, ab = 0.0f;
   for (int i = 0; i < ny; ++i) {
-    const in_t* row = img + i * a.sH;
     float rr = 0.0f, rg = 0.0f, rb = 0.0f;
     for (int j = 0; j < nx; ++j) {
-      const in_t* p = row + j * a.sW;
+      const in_t* p = img + (i * sH + j * sW);
       const float w = wx[j];
       rr += w * static_cast<float>(p[0]);
-      rg += w * static_cast<float>(p[a.sC]);
-      rb += w * static_cast<float>(p[2 * a.sC]);
+      rg += w * static_cast<float>(p[sC]);
+      rb += w * static_cast<float>(p[2 * sC]);
     }
     const float w = wy[i];
     ar += w * rr;
@@ -160,22 +183,21 @@ __device__ __forceinline__ void resample_pixel(const Args& a, const in_t* __rest
   b = ab * a.in_scale;
 }
 
-__device__ __forceinline__ void apply_ops(const int* ops, int n_ops, float& r, float& g, float& b, float bri,
-                                          float sat, float hue_f) {
-  for (int k = 0; k < n_ops; ++k) pointwise_jitter(ops[k], r, g, b, bri, sat, hue_f);
+// ops: n_ops op codes packed 2 bits each (JitterPlan): shifts, no local array.
+__device__ __forceinline__ void apply_ops(int ops, int n_ops, float& r, float& g, float& b, float bri, float sat,
+                                          float hue_f) {
+  for (int k = 0; k < n_ops; ++k) pointwise_jitter((ops >> (2 * k)) & 3, r, g, b, bri, sat, hue_f);
 }
 
 // The pre-blur pixel: resample, jitter (contrast with the precomputed mean), grayscale.
 template <typename in_t>
-__device__ __forceinline__ void preblur_pixel(const Args& a, const in_t* __restrict__ src, int64_t n, const Crop& c,
-                                              const JitterPlan& plan, float cmean, bool to_gray, int y, int x,
-                                              float& r, float& g, float& b) {
-  resample_pixel(a, src, n, c, y, x, r, g, b);
-  const float bri = a.bri[n], sat = a.sat[n], hue_f = a.hue[n];
-  apply_ops(plan.pre, plan.n_pre, r, g, b, bri, sat, hue_f);
-  if (plan.contrast) {
-    contrast(r, g, b, a.con[n], cmean);
-    apply_ops(plan.post, plan.n_post, r, g, b, bri, sat, hue_f);
+__device__ __forceinline__ void preblur_pixel(const Args& a, const View<in_t>& v, float cmean, bool to_gray, int y,
+                                              int x, float& r, float& g, float& b) {
+  resample_pixel(a, v, y, x, r, g, b);
+  apply_ops(v.plan.pre, v.plan.n_pre, r, g, b, v.bri, v.sat, v.hue);
+  if (v.plan.contrast) {
+    contrast(r, g, b, v.con, cmean);
+    apply_ops(v.plan.post, v.plan.n_post, r, g, b, v.bri, v.sat, v.hue);
   }
   if (to_gray) {
     const float l = gray(r, g, b);
@@ -186,39 +208,42 @@ __device__ __forceinline__ void preblur_pixel(const Args& a, const in_t* __restr
 }
 
 template <typename out_t>
-__device__ __forceinline__ void store_pixel(const Args& a, out_t* __restrict__ out, int64_t n, int y, int x, bool sol,
-                                            float r, float g, float b) {
+__device__ __forceinline__ void store_pixel(const Args& a, out_t* __restrict__ out, int y, int x, bool sol, float r,
+                                            float g, float b) {
   if (sol) {
     r = solarize(r);
     g = solarize(g);
     b = solarize(b);
   }
-  out_t* o = out + n * a.oN + static_cast<int64_t>(y) * a.oH + static_cast<int64_t>(x) * a.oW;
+  // out: the view's first element; offsets inside one view fit in int32 (S <= 8192)
+  out_t* o = out + (y * static_cast<int>(a.oH) + x * static_cast<int>(a.oW));
+  const int oC = static_cast<int>(a.oC);
   o[0] = static_cast<out_t>(normalize(r, a.mean[0], a.std[0]));
-  o[a.oC] = static_cast<out_t>(normalize(g, a.mean[1], a.std[1]));
-  o[2 * a.oC] = static_cast<out_t>(normalize(b, a.mean[2], a.std[2]));
+  o[oC] = static_cast<out_t>(normalize(g, a.mean[1], a.std[1]));
+  o[2 * oC] = static_cast<out_t>(normalize(b, a.mean[2], a.std[2]));
 }
 
 // ---- 2. contrast means ----
+// Blocks of views without contrast exit at once and write nothing (the main
+// kernel reads no partial sums for them).  Which views have contrast is only
+// known on the device, so the grid still covers every view: skipping the
+// launch would need a host sync.
 template <typename in_t>
-__global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) contrast_kernel(Args a, const in_t* __restrict__ src) {
   const int64_t n = blockIdx.x;
+  if (!(a.jitter[n] && a.con[n] != 1.0f)) return;  // = plan.contrast, block-uniform
   const int band = blockIdx.y;
-  const JitterPlan plan = view_plan(a, n);
+  const View<in_t> v = load_view(a, src, n);
   SSLOPS_SHARED(float, warp_sums, [kThreads / 32]);
   float acc = 0.0f;
-  if (plan.contrast) {  // block-uniform
-    const Crop c = view_crop(a, n);
-    const float bri = a.bri[n], sat = a.sat[n], hue_f = a.hue[n];
-    const int y0 = band * kBandRows;
-    const int rows = min(kBandRows, a.S - y0);
-    for (int i = threadIdx.x; i < rows * a.S; i += blockDim.x) {
-      const int y = y0 + i / a.S, x = i % a.S;
-      float r, g, b;
-      resample_pixel(a, src, n, c, y, x, r, g, b);
-      apply_ops(plan.pre, plan.n_pre, r, g, b, bri, sat, hue_f);
-      acc += gray(r, g, b);
-    }
+  const int y0 = band * kBandRows;
+  const int rows = min(kBandRows, a.S - y0);
+  for (int i = threadIdx.x; i < rows * a.S; i += blockDim.x) {
+    const int y = y0 + i / a.S, x = i % a.S;
+    float r, g, b;
+    resample_pixel(a, v, y, x, r, g, b);
+    apply_ops(v.plan.pre, v.plan.n_pre, r, g, b, v.bri, v.sat, v.hue);
+    acc += gray(r, g, b);
   }
   // Block reduction in a fixed order.
   for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
@@ -232,31 +257,35 @@ __global__ void contrast_kernel(Args a, const in_t* __restrict__ src) {
 }
 
 // ---- 3. the views ----
+// Launched twice: blur_pass = false for the views without blur (no shared
+// memory, so they are not limited by the blur's ~56 KB per block), then true
+// for the views with blur; in each launch the other views' blocks exit at once.
 template <typename in_t, typename out_t>
-__global__ void main_kernel(Args a, const in_t* __restrict__ src, out_t* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    main_kernel(Args a, const in_t* __restrict__ src, out_t* __restrict__ out, bool blur_pass) {
   SSLOPS_DYNAMIC_SHARED(float, smem, 16);
   const int64_t n = blockIdx.x;
-  const int S = a.S;
-  const int tiles_x = (S + kTile - 1) / kTile;
-  const int oy0 = (blockIdx.y / tiles_x) * kTile, ox0 = (blockIdx.y % tiles_x) * kTile;
-  const Crop c = view_crop(a, n);
-  const JitterPlan plan = view_plan(a, n);
-  const bool to_gray = a.gray[n], sol = a.sol[n];
   const float sigma = a.sigma[n];
+  if ((sigma > 0.0f) != blur_pass) return;
+  const int S = a.S;
+  const int oy0 = blockIdx.z * kTile, ox0 = blockIdx.y * kTile;  // tile row on z, column on y
+  const View<in_t> v = load_view(a, src, n);
+  const bool to_gray = a.gray[n], sol = a.sol[n];
+  out += n * a.oN;
   float cmean = 0.0f;
-  if (plan.contrast) {
+  if (v.plan.contrast) {
     double total = 0.0;  // the same fixed order in every block of the view
     for (int i = 0; i < a.bands; ++i) total += a.partial[n * a.bands + i];
     cmean = static_cast<float>(total / (static_cast<double>(S) * S));
   }
 
-  if (!(sigma > 0.0f)) {
+  if (!blur_pass) {
     for (int i = threadIdx.x; i < kTile * kTile; i += blockDim.x) {
       const int y = oy0 + i / kTile, x = ox0 + i % kTile;
       if (y >= S || x >= S) continue;
       float r, g, b;
-      preblur_pixel(a, src, n, c, plan, cmean, to_gray, y, x, r, g, b);
-      store_pixel(a, out, n, y, x, sol, r, g, b);
+      preblur_pixel(a, v, cmean, to_gray, y, x, r, g, b);
+      store_pixel(a, out, y, x, sol, r, g, b);
     }
     return;
   }
@@ -274,7 +303,7 @@ __global__ void main_kernel(Args a, const in_t* __restrict__ src, out_t* __restr
     const int y = reflect(min(max(oy0 - rad + ey, -rad), S - 1 + rad), S);
     const int x = reflect(min(max(ox0 - rad + ex, -rad), S - 1 + rad), S);
     float r, g, b;
-    preblur_pixel(a, src, n, c, plan, cmean, to_gray, y, x, r, g, b);
+    preblur_pixel(a, v, cmean, to_gray, y, x, r, g, b);
     pre[i] = r;
     pre[ext * ext + i] = g;
     pre[2 * ext * ext + i] = b;
@@ -293,14 +322,14 @@ __global__ void main_kernel(Args a, const in_t* __restrict__ src, out_t* __restr
     const int ty = i / kTile, tx = i % kTile;
     const int y = oy0 + ty, x = ox0 + tx;
     if (y >= S || x >= S) continue;
-    float v[3];
+    float v3[3];
     for (int ch = 0; ch < 3; ++ch) {
       const float* col = hor + ch * ext * kTile + ty * kTile + tx;
       float acc = 0.0f;
       for (int j = 0; j < a.K; ++j) acc += gw[j] * col[j * kTile];
-      v[ch] = acc;
+      v3[ch] = acc;
     }
-    store_pixel(a, out, n, y, x, sol, v[0], v[1], v[2]);
+    store_pixel(a, out, y, x, sol, v3[0], v3[1], v3[2]);
   }
 }
 
@@ -322,9 +351,12 @@ void launch(const Args& a, int64_t N, const at::Tensor& images, at::Tensor& out,
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
-  const unsigned tiles = static_cast<unsigned>(ceil_div(a.S, kTile) * ceil_div(a.S, kTile));
-  SSLOPS_LAUNCH((main_kernel<in_t, out_t>), dim3(static_cast<unsigned>(N), tiles), kThreads, smem, stream, a, src,
-                dst);
+  // views on x (up to 2^31 - 1), tile columns on y, tile rows on z (each <= 65535)
+  const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(ceil_div(a.S, kTile)),
+                  static_cast<unsigned>(ceil_div(a.S, kTile)));
+  SSLOPS_LAUNCH(kernel, grid, kThreads, 0, stream, a, src, dst, false);  // views without blur
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  SSLOPS_LAUNCH(kernel, grid, kThreads, smem, stream, a, src, dst, true);  // views with blur
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -364,6 +396,11 @@ at::Tensor augment_cuda(const at::Tensor& images, const at::Tensor& crop, const 
   TORCH_CHECK(cfg.S <= 8192 && cfg.N < (int64_t(1) << 31) && cfg.H < (int64_t(1) << 30) &&
                   cfg.W < (int64_t(1) << 30),
               op, ": sizes too large for the CUDA kernel (size <= 8192)");
+  // Offsets inside one source image are int32 in the kernels.
+  const int64_t span = 2 * std::abs(images.stride(1)) + (cfg.H - 1) * std::abs(images.stride(2)) +
+                       (cfg.W - 1) * std::abs(images.stride(3));
+  TORCH_CHECK(span < (int64_t(1) << 31), op, ": one image spans ", span,
+              " elements (strides ", images.strides(), "); the CUDA kernel needs < 2^31: use backend='cpu'");
   const size_t smem = blur_smem_bytes(static_cast<int>(cfg.K));
   const auto* prop = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(smem <= prop->sharedMemPerBlockOptin, op, ": kernel_size ", cfg.K,

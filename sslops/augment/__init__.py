@@ -22,7 +22,7 @@ wired in when present), ``cpu`` (csrc/cpu/augment.cpp), ``reference``
 
 Kernel design
 -------------
-*CUDA.*  Three launches per call, none of which writes an image-sized
+*CUDA.*  Four launches per call, none of which writes an image-sized
 intermediate:
 
 1. ``prep``: per view, the resampling taps of the crop (rows and columns, the
@@ -45,8 +45,9 @@ intermediate:
    padding) straight from the source -- resample, flip, jitter in order with
    the contrast mean, grayscale -- into shared memory, runs the separable blur
    (rows into a second shared buffer, then columns), solarises, normalises and
-   writes bf16/fp16/fp32 (NCHW or channels_last).  Views without blur skip
-   the halo and the shared buffers.
+   writes bf16/fp16/fp32 (NCHW or channels_last).  Launched twice: views
+   without blur first, with no shared memory (so they are not limited by the
+   blur's per-block buffers), then views with blur.
 
 *CPU.*  Views in parallel (the V views of an image back to back, so the
 source is read from memory once), or rows in parallel when there are fewer
@@ -105,7 +106,9 @@ def _triton_available() -> bool:
 
 
 _TRITON = _triton_available()
-_backend.register_op("augment", compiled=("augment",), triton=_TRITON)
+# The dtype of backend choice is the output dtype (any input dtype is read as
+# float32); under the Triton interpreter bf16 outputs are refused.
+_backend.register_op("augment", compiled=("augment",), triton=_TRITON, dtypes={"triton": OUT_DTYPES})
 
 
 # ----------------------------------------------------------------------------
@@ -182,8 +185,14 @@ def _check_triple(values, name: str, nonzero: bool = False) -> tuple:
     return tuple(out)
 
 
-def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last, n_views):
-    """Validates a call; returns the normalised (size, kernel_size, mean, std)."""
+def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last, n_views,
+                validate=True):
+    """Validates a call; returns the normalised (size, kernel_size, mean, std).
+
+    Structure (types, shapes, dtypes, devices) is always checked, from metadata.
+    The values (crops inside the image, factors, float images in [0, 1]) are
+    checked only with ``validate`` and outside torch.compile: that reads data back
+    to the host (one sync)."""
     _check_images(images)
     if not isinstance(params, AugmentParams):
         raise TypeError(f"params must be an AugmentParams, got {type(params).__name__}")
@@ -206,7 +215,11 @@ def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dty
         raise TypeError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
     mean = _check_triple(mean, "mean")
     std = _check_triple(std, "std", nonzero=True)
+    if not isinstance(validate, bool):
+        raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
     params.check_structure(n_views, images.device)
+    if not validate or torch.compiler.is_compiling():
+        return size, kernel_size, mean, std
     errors = params.value_errors(tuple(images.shape[2:]))
     if images.is_floating_point() and images.numel() > 0:
         lo, hi = torch.aminmax(images.detach())
@@ -223,7 +236,7 @@ def _check_call(images, params, size, kernel_size, antialias, mean, std, out_dty
 # ----------------------------------------------------------------------------
 def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last, backend) -> Tensor:
     """All views of a validated call: params has N = V * B rows, row n cuts image n % B."""
-    be = _backend.resolve("augment", backend, images.device)
+    be = _backend.resolve("augment", backend, images.device, out_dtype)
     images = images.detach()
     if len(params) == 0:
         return _empty_views(images, 0, size, out_dtype, channels_last)
@@ -238,7 +251,8 @@ def _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, cha
 
 def apply(images: Tensor, params: AugmentParams, size: int, *, kernel_size: Optional[int] = None,
           antialias: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-          out_dtype: torch.dtype = torch.float32, channels_last: bool = False, backend: str = "auto") -> Tensor:
+          out_dtype: torch.dtype = torch.float32, channels_last: bool = False, backend: str = "auto",
+          validate: bool = True) -> Tensor:
     """Augment a batch: one view per image with per-sample parameters.
 
     Args:
@@ -254,13 +268,19 @@ def apply(images: Tensor, params: AugmentParams, size: int, *, kernel_size: Opti
         out_dtype: float32, float16 or bfloat16.
         channels_last: return channels_last strides.
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
+        validate: check the parameter values (and that float images are in
+            [0, 1]) with one device-to-host sync.  ``False`` for the hot path:
+            no sync; invalid values then give wrong views but never out-of-bounds
+            memory access (the GPU kernels clamp crops to the image; the cpu
+            kernel checks them itself and raises).  Under torch.compile the
+            value checks are skipped the same way.
 
     Returns:
         (B, 3, size, size) views in ``out_dtype``.
     """
     _check_images(images)
     size, kernel_size, mean, std = _check_call(images, params, size, kernel_size, antialias, mean, std, out_dtype,
-                                               channels_last, images.shape[0])
+                                               channels_last, images.shape[0], validate)
     return _run(images, params, size, kernel_size, antialias, mean, std, out_dtype, channels_last, backend)
 
 
@@ -274,13 +294,17 @@ class SSLViews(torch.nn.Module):
     (N = views * B parameter rows, row v * B + b cuts image b).  View v uses
     ``sample_params(..., view=v)`` (BYOL's asymmetric blur/solarisation).
     ``forward(images, params=None)`` also takes explicit per-view params (a
-    list of AugmentParams); :meth:`sample` draws them.
+    list of AugmentParams); :meth:`sample` draws them.  ``validate=False``
+    skips the value checks of drawn or given parameters (no host sync; see
+    :func:`apply`).  Under ``torch.compile(fullgraph=True)`` it compiles
+    without a ``generator`` (a torch.Generator cannot be traced): parameters
+    then come from the global RNG.
     """
 
     def __init__(self, recipe="simclr", size: int = 224, views: int = 2, *, kernel_size: Optional[int] = None,
                  antialias: bool = True, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                  out_dtype: torch.dtype = torch.float32, channels_last: bool = False, backend: str = "auto",
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, validate: bool = True):
         super().__init__()
         if isinstance(recipe, str) and recipe not in RECIPES:
             raise ValueError(f"recipe must be one of {tuple(RECIPES)} or a Recipe, got {recipe!r}")
@@ -302,6 +326,9 @@ class SSLViews(torch.nn.Module):
             raise ValueError(f"backend must be one of {_backend.BACKENDS}, got {backend!r}")
         self.backend = backend
         self.generator = generator
+        if not isinstance(validate, bool):
+            raise TypeError(f"validate must be a bool, got {type(validate).__name__}")
+        self.validate = validate
 
     def sample(self, images: Tensor) -> List[AugmentParams]:
         """Parameters of every view for this batch, drawn on the images' device."""
@@ -323,7 +350,7 @@ class SSLViews(torch.nn.Module):
             p.check_structure(batch, images.device, name=f"params[{i}]")
         stacked = AugmentParams.cat(list(params))
         size, k, mean, std = _check_call(images, stacked, self.size, self.kernel_size, self.antialias, self.mean,
-                                         self.std, self.out_dtype, self.channels_last, len(stacked))
+                                         self.std, self.out_dtype, self.channels_last, len(stacked), self.validate)
         out = _run(images, stacked, size, k, self.antialias, mean, std, self.out_dtype, self.channels_last,
                    self.backend)
         return list(out.split(batch)) if batch > 0 else [out] * self.views

@@ -143,7 +143,8 @@ class AugmentParams:
         top, left, ch, cw = self.crop.unbind(1)
         finite_nonneg = lambda t: (t >= 0) & torch.isfinite(t)
         checks = [
-            ("crop", (top >= 0) & (left >= 0) & (ch >= 1) & (cw >= 1) & (top + ch <= h) & (left + cw <= w),
+            # ch <= h - top, not top + ch <= h: the sum wraps in int64 for a huge top
+            ("crop", (top >= 0) & (left >= 0) & (ch >= 1) & (cw >= 1) & (ch <= h - top) & (cw <= w - left),
              f"rows must be (top, left, height, width) with height, width >= 1 inside the {h}x{w} image"),
             ("order", (torch.sort(self.order, dim=1).values == torch.arange(4, device=self.order.device)).all(1),
              "rows must be permutations of 0..3"),
@@ -181,6 +182,45 @@ class Recipe:
     blur_p: Tuple[float, float] = (0.5, 0.5)
     sigma: Tuple[float, float] = (0.1, 2.0)
     solarize_p: Tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self):
+        """Check every field when the recipe is made, not when it is first sampled."""
+        def pair(name, lo, hi, lo_open=False):
+            value = getattr(self, name)
+            try:
+                a, b = (float(v) for v in value)
+            except (TypeError, ValueError):
+                raise TypeError(f"Recipe.{name} must be a pair of numbers (min, max), got {value!r}") from None
+            ok = (lo < a if lo_open else lo <= a) and a <= b <= hi and math.isfinite(b)
+            if not ok:
+                bound = f"{lo} {'<' if lo_open else '<='} min <= max <= {hi}"
+                raise ValueError(f"Recipe.{name} must satisfy {bound}, got {value!r}")
+
+        def prob(name, value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"Recipe.{name} must be a probability in [0, 1], got {value!r}")
+
+        pair("scale", 0.0, math.inf, lo_open=True)
+        pair("ratio", 0.0, math.inf, lo_open=True)  # log-uniform: ratios > 0
+        pair("sigma", 0.0, math.inf, lo_open=True)
+        prob("flip_p", self.flip_p)
+        prob("jitter_p", self.jitter_p)
+        prob("grayscale_p", self.grayscale_p)
+        for name in ("blur_p", "solarize_p"):
+            value = getattr(self, name)
+            if not isinstance(value, (tuple, list)) or len(value) != 2:
+                raise TypeError(f"Recipe.{name} must be a pair (view 0, view 1), got {value!r}")
+            for v in value:
+                prob(name, v)
+        jitter = self.jitter
+        if not isinstance(jitter, (tuple, list)) or len(jitter) != 4 or any(
+                isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0
+                for v in jitter):
+            raise ValueError("Recipe.jitter must be 4 finite strengths >= 0 (brightness, contrast, saturation, "
+                             f"hue), got {jitter!r}")
+        if jitter[3] > 0.5:
+            raise ValueError(f"Recipe.jitter hue strength must be <= 0.5 (hue factors lie in [-0.5, 0.5]), "
+                             f"got {jitter[3]!r}")
 
 
 RECIPES = {

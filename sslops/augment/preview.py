@@ -5,8 +5,9 @@
 Without IMAGE, scikit-image's sample photo ``data.astronaut()`` is used
 (``--sample chelsea`` or ``coffee`` pick another).  Each row is one recipe /
 view kind (SimCLR; BYOL view 0, which always blurs; BYOL view 1, which may
-solarise); the first column is the whole image resized, the others are views
-with freshly drawn parameters, de-normalised for display.
+solarise), named in a label column on the left; the first column is the whole
+image resized, the others are views with freshly drawn parameters,
+de-normalised for display (a header row says so).
 """
 from __future__ import annotations
 
@@ -67,6 +68,35 @@ def make_grid(image: torch.Tensor, recipes: List[str], views: int, size: int, se
     return grid
 
 
+_ROW_NAMES = {("simclr", 0): "SimCLR", ("byol", 0): "BYOL view 0 (always blurred)",
+              ("byol", 1): "BYOL view 1 (may solarise)"}
+
+
+def row_labels(recipes: List[str]) -> List[str]:
+    """The name of each row of :func:`make_grid`, top to bottom."""
+    return [_ROW_NAMES.get(kind, f"{kind[0]} view {kind[1]}") for kind in _row_kinds(recipes)]
+
+
+def add_labels(grid: np.ndarray, labels: List[str], size: int, pad: int = 4) -> np.ndarray:
+    """The grid with a label column (one name per row) and a header row
+    ("whole image" over the first column, "augmented views" over the others); needs pillow."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    draw0 = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    text_w = max(draw0.textlength(t, font=font) for t in labels + ["whole image"])
+    margin, header = int(text_w) + 2 * pad, 16 + pad
+    out = Image.new("RGB", (margin + grid.shape[1], header + grid.shape[0]), "white")
+    out.paste(Image.fromarray(grid), (margin, header))
+    draw = ImageDraw.Draw(out)
+    for r, text in enumerate(labels):
+        y = header + pad + r * (size + pad) + size // 2 - 6
+        draw.text((pad, y), text, fill="black", font=font)
+    draw.text((margin + pad, pad), "whole image", fill="black", font=font)
+    draw.text((margin + 2 * pad + size, pad), "augmented views (fresh parameters each)", fill="black", font=font)
+    return np.asarray(out)
+
+
 def _row_kinds(recipes: List[str]):
     for name in recipes:
         if name == "byol":
@@ -91,9 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     image = load_image(args.image, args.sample)
     grid = make_grid(image, args.recipe, args.views, args.size, args.seed, args.backend)
-    Image.fromarray(grid).save(args.output)
-    rows = len(list(_row_kinds(args.recipe)))
-    print(f"wrote {args.output}: {rows} rows x {args.views} views of {args.size}x{args.size} "
+    labels = row_labels(args.recipe)
+    Image.fromarray(add_labels(grid, labels, args.size)).save(args.output)
+    print(f"wrote {args.output}: rows {', '.join(labels)}; {args.views} views of {args.size}x{args.size} each "
           f"(first column: whole image) from a {image.shape[2]}x{image.shape[1]} image")
     return 0
 
