@@ -37,6 +37,21 @@ def positive_finite(value, name: str) -> float:
     return value
 
 
+# Smallest temperature the losses accept: 1 / 2**-64 = 1.8e19 keeps logits of
+# normalised embeddings (|<z_i, z_j>| <= 1) far inside float32's range (3.4e38),
+# with room for unnormalised ones; below it 1/T overflows float32 (T < 2.9e-39)
+# or double (T < 5.6e-309) and the kernels would see inf.
+MIN_TEMPERATURE = 2.0 ** -64
+
+
+def temperature(value, name: str = "temperature") -> float:
+    """A loss temperature: a real number in [2**-64, inf)."""
+    value = positive_finite(value, name)
+    if value < MIN_TEMPERATURE:
+        raise ValueError(f"{name} must be >= 2**-64 (~5.4e-20) so that 1/{name} fits in float32 logits, got {value}")
+    return value
+
+
 def integer(value, name: str, lo: int = 0, hi: int | None = None) -> int:
     """A Python int (or a SymInt under torch.compile) in [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):

@@ -240,7 +240,7 @@ def nt_xent(
     ``lightly.loss.NTXentLoss`` (without memory bank) and the SimCLR paper.
     """
     _embeddings(z1, "z1", z2, "z2")
-    inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
+    inv_temp = 1.0 / _checks.temperature(temperature)
     _checks.choice(reduction, "reduction", REDUCTIONS)
     be = _backend.resolve("nt_xent", backend, z1.device, z1.dtype)
     out_dtype = z1.dtype
@@ -284,7 +284,7 @@ def info_nce(
         The loss in query's dtype: a scalar, or (N,) for reduction="none".
     """
     _embeddings(query, "query", key, "key")
-    inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
+    inv_temp = 1.0 / _checks.temperature(temperature)
     _checks.choice(reduction, "reduction", REDUCTIONS)
     if negatives is not None:
         _checks.tensor(negatives, "negatives", ndim=2, floating=True)
@@ -325,7 +325,7 @@ class NTXentLoss(torch.nn.Module):
                 f"memory_bank_size={memory_bank_size!r}: sslops.NTXentLoss has no memory bank; "
                 "use sslops.info_nce(query, key, negatives=queue) for MoCo-style negatives"
             )
-        self.temperature = _checks.positive_finite(temperature, "temperature")
+        self.temperature = _checks.temperature(temperature)
         self.gather_distributed = gather_distributed
         self.normalize = normalize
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
@@ -343,7 +343,7 @@ class InfoNCELoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 0.07, normalize: bool = True, backend: str = "auto"):
         super().__init__()
-        self.temperature = _checks.positive_finite(temperature, "temperature")
+        self.temperature = _checks.temperature(temperature)
         self.normalize = normalize
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
 

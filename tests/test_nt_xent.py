@@ -352,6 +352,24 @@ def test_bad_input(call, exc, match):
         call()
 
 
+@pytest.mark.parametrize("t", [1e-38, 1e-45, 5e-324, 2.0 ** -65])
+def test_temperature_whose_inverse_overflows_is_refused(t):
+    # 1/T overflows float32 logits (or even double): a ValueError naming temperature,
+    # never inf/NaN or a C++ error about inv_temp.
+    z1, z2 = _views(4, 8)
+    for call in (lambda: sslops.nt_xent(z1, z2, temperature=t),
+                 lambda: sslops.info_nce(z1, z2, temperature=t),
+                 lambda: sslops.NTXentLoss(temperature=t)):
+        with pytest.raises(ValueError, match="temperature must be >= 2\\*\\*-64"):
+            call()
+
+
+def test_smallest_accepted_temperature_gives_finite_loss():
+    z1, z2 = _views(4, 8)
+    out = sslops.nt_xent(z1, z2, temperature=2.0 ** -64, backend="reference")
+    assert torch.isfinite(out)
+
+
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
 def test_compiled_op_checks_its_arguments():
     q, c, _ = _lse_args(requires_grad=False)
