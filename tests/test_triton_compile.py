@@ -207,25 +207,29 @@ def nt_xent_entries(cap):
                                      num_warps=f.num_warps, num_stages=f.num_stages)), case)
             b = cfg("bwd", dtype, D, aligned)
             n_dblk = triton_cdiv(D, b.BLOCK_D)
-            common = dict(HAS_EXCLUDE=has_excl, SINGLE_D=n_dblk == 1, PRECISION=prec, BLOCK_M=b.BLOCK_M,
+            has_scale = dtype == F16  # fp16 weights are scaled (tk._grad_scale)
+            sc = meta(1) if has_scale else lse
+            common = dict(HAS_SCALE=has_scale, HAS_EXCLUDE=has_excl, SINGLE_D=n_dblk == 1, PRECISION=prec, BLOCK_M=b.BLOCK_M,
                           BLOCK_N=b.BLOCK_N, BLOCK_D=b.BLOCK_D, num_warps=b.num_warps, num_stages=b.num_stages)
             g = meta(M)
             strides_in = (g.stride(0), q.stride(0), q.stride(1), c.stride(0), c.stride(1), ex.stride(0),
                           lse.stride(0))
             dq, dc = meta(M, D, dtype=dtype), meta(Kc, D, dtype=dtype)
             yield Entry(_launch(tk._nt_xent_bwd_dq_kernel, (triton_cdiv(M, b.BLOCK_M), n_dblk),
-                                (g, q, c, ex, lse, dq, M, Kc, D, 2.0, *strides_in, dq.stride(0), dq.stride(1)),
+                                (g, q, c, ex, lse, dq, sc, M, Kc, D, 2.0, *strides_in, dq.stride(0), dq.stride(1)),
                                 common), case, spills)
             yield Entry(_launch(tk._nt_xent_bwd_dc_kernel, (triton_cdiv(Kc, b.BLOCK_N), n_dblk),
-                                (g, q, c, ex, lse, dc, M, Kc, D, 2.0, *strides_in, dc.stride(0), dc.stride(1)),
+                                (g, q, c, ex, lse, dc, sc, M, Kc, D, 2.0, *strides_in, dc.stride(0), dc.stride(1)),
                                 common), case, spills)
         b = cfg("bwd", dtype, D, tk._aligned(q))
         n_dblk = triton_cdiv(D, b.BLOCK_D)
         dz = meta(M, D, dtype=dtype)
+        has_scale = dtype == F16
+        sc = meta(1) if has_scale else lse
         yield Entry(_launch(tk._nt_xent_bwd_sym_kernel, (triton_cdiv(M, b.BLOCK_M), n_dblk),
-                            (meta(M), q, lse, dz, M, D, 2.0, 1, q.stride(0), q.stride(1), 1, dz.stride(0),
+                            (meta(M), q, lse, dz, sc, M, D, 2.0, 1, q.stride(0), q.stride(1), 1, dz.stride(0),
                              dz.stride(1)),
-                            dict(SINGLE_D=n_dblk == 1, PRECISION=prec, BLOCK_M=b.BLOCK_M, BLOCK_N=b.BLOCK_N,
+                            dict(HAS_SCALE=has_scale, SINGLE_D=n_dblk == 1, PRECISION=prec, BLOCK_M=b.BLOCK_M, BLOCK_N=b.BLOCK_N,
                                  BLOCK_D=b.BLOCK_D, num_warps=b.num_warps, num_stages=b.num_stages)),
                     case, spills)
 

@@ -139,11 +139,11 @@ def _nt_xent_lse_fwd_kernel(
 
 @triton.jit
 def _nt_xent_bwd_dq_kernel(
-    grad_ptr, q_ptr, c_ptr, excl_ptr, lse_ptr, dq_ptr,
+    grad_ptr, q_ptr, c_ptr, excl_ptr, lse_ptr, dq_ptr, scale_ptr,
     M, Kc, D, inv_temp,
     stride_g, stride_qm, stride_qd, stride_cn, stride_cd, stride_excl, stride_lse,
     stride_dqm, stride_dqd,
-    HAS_EXCLUDE: tl.constexpr, SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """grad_q[I, Dblk] = inv_temp * sum_J A_IJ @ c[J, Dblk]; grid (row blocks, D chunks)."""
@@ -156,6 +156,11 @@ def _nt_xent_bwd_dq_kernel(
     mask_do = offs_do < D
 
     g = tl.load(grad_ptr + rows * stride_g, mask=mask_m, other=0.0).to(tl.float32)
+    out_scale = inv_temp
+    if HAS_SCALE:  # 16-bit weights: g * s with s = 2^14 / max|g| (see _grad_scale)
+        s = tl.load(scale_ptr)
+        g = g * s
+        out_scale = inv_temp / s
     lse = tl.load(lse_ptr + rows * stride_lse, mask=mask_m, other=float("inf")).to(tl.float32)
     # Rows with lse = -inf have no valid column; +inf makes exp(x - lse) = 0 without NaN.
     lse = tl.where(lse == float("-inf"), float("inf"), lse)
@@ -190,7 +195,7 @@ def _nt_xent_bwd_dq_kernel(
         a = tl.exp(tl.where(valid, x - lse[:, None], float("-inf"))) * g[:, None]  # (BLOCK_M, BLOCK_N)
         acc = tl.dot(a.to(c.dtype), c, acc, input_precision=PRECISION)
 
-    dq = acc * inv_temp
+    dq = acc * out_scale
     tl.store(
         dq_ptr + rows[:, None] * stride_dqm + offs_do[None, :] * stride_dqd,
         dq.to(dq_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :],
@@ -199,11 +204,11 @@ def _nt_xent_bwd_dq_kernel(
 
 @triton.jit
 def _nt_xent_bwd_dc_kernel(
-    grad_ptr, q_ptr, c_ptr, excl_ptr, lse_ptr, dc_ptr,
+    grad_ptr, q_ptr, c_ptr, excl_ptr, lse_ptr, dc_ptr, scale_ptr,
     M, Kc, D, inv_temp,
     stride_g, stride_qm, stride_qd, stride_cn, stride_cd, stride_excl, stride_lse,
     stride_dcn, stride_dcd,
-    HAS_EXCLUDE: tl.constexpr, SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_EXCLUDE: tl.constexpr, SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """grad_c[J, Dblk] = inv_temp * sum_I (A_IJ)^T @ q[I, Dblk]; grid (column blocks, D chunks)."""
@@ -221,12 +226,18 @@ def _nt_xent_bwd_dc_kernel(
             mask=mask_n[:, None] & mask_do[None, :], other=0.0,
         )  # (BLOCK_N, BLOCK_D)
 
+    out_scale = inv_temp
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+        out_scale = inv_temp / s
     acc = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     for m0 in range(0, M, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < M
         rows = offs_m.to(tl.int64)
         g = tl.load(grad_ptr + rows * stride_g, mask=mask_m, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g = g * s
         lse = tl.load(lse_ptr + rows * stride_lse, mask=mask_m, other=float("inf")).to(tl.float32)
         lse = tl.where(lse == float("-inf"), float("inf"), lse)
         # q tile for the output chunk: (BLOCK_M, BLOCK_D)
@@ -248,7 +259,7 @@ def _nt_xent_bwd_dc_kernel(
         at = tl.exp(tl.where(valid, xt - lse[None, :], float("-inf"))) * g[None, :]  # (BLOCK_N, BLOCK_M)
         acc = tl.dot(at.to(q.dtype), q, acc, input_precision=PRECISION)
 
-    dc = acc * inv_temp
+    dc = acc * out_scale
     tl.store(
         dc_ptr + cols[:, None] * stride_dcn + offs_do[None, :] * stride_dcd,
         dc.to(dc_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_do[None, :],
@@ -257,10 +268,10 @@ def _nt_xent_bwd_dc_kernel(
 
 @triton.jit
 def _nt_xent_bwd_sym_kernel(
-    grad_ptr, z_ptr, lse_ptr, dz_ptr,
+    grad_ptr, z_ptr, lse_ptr, dz_ptr, scale_ptr,
     M, D, inv_temp,
     stride_g, stride_zm, stride_zd, stride_lse, stride_dzm, stride_dzd,
-    SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_SCALE: tl.constexpr, SINGLE_D: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """grad_z[I, Dblk] = inv_temp * sum_J (A_IJ + (A^T)_IJ) @ z[J, Dblk], diagonal excluded.
@@ -277,6 +288,11 @@ def _nt_xent_bwd_sym_kernel(
     mask_do = offs_do < D
 
     g_i = tl.load(grad_ptr + rows * stride_g, mask=mask_m, other=0.0).to(tl.float32)
+    out_scale = inv_temp
+    if HAS_SCALE:
+        s = tl.load(scale_ptr)
+        g_i = g_i * s
+        out_scale = inv_temp / s
     lse_i = tl.load(lse_ptr + rows * stride_lse, mask=mask_m, other=float("inf")).to(tl.float32)
     lse_i = tl.where(lse_i == float("-inf"), float("inf"), lse_i)
     if SINGLE_D:
@@ -291,6 +307,8 @@ def _nt_xent_bwd_sym_kernel(
         mask_n = offs_n < M
         cols = offs_n.to(tl.int64)
         g_j = tl.load(grad_ptr + cols * stride_g, mask=mask_n, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            g_j = g_j * s
         lse_j = tl.load(lse_ptr + cols * stride_lse, mask=mask_n, other=float("inf")).to(tl.float32)
         lse_j = tl.where(lse_j == float("-inf"), float("inf"), lse_j)
         # z tile for the output chunk: (BLOCK_N, BLOCK_D)
@@ -309,7 +327,7 @@ def _nt_xent_bwd_sym_kernel(
         b = g_i[:, None] * tl.exp(x - lse_i[:, None]) + tl.exp(x - lse_j[None, :]) * g_j[None, :]  # (BLOCK_M, BLOCK_N)
         acc = tl.dot(b.to(z_j.dtype), z_j, acc, input_precision=PRECISION)
 
-    dz = acc * inv_temp
+    dz = acc * out_scale
     tl.store(
         dz_ptr + rows[:, None] * stride_dzm + offs_do[None, :] * stride_dzd,
         dz.to(dz_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_do[None, :],
@@ -386,6 +404,25 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _grad_scale(grad_lse: torch.Tensor, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """(1,) fp32 scale s for fp16 weights, or None.
+
+    The weights g_i * exp(x_ij - lse_i) go through fp16 into tl.dot; with g ~ 1/(2N)
+    and p ~ 1/(2N) they are fp16 subnormals (2N = 2048) or zero (2N >= 8192).  The
+    kernels use g * s with s = 2^14 / max|g| (weights <= 2^14, or 2^15 summed in the
+    symmetric pass: inside fp16's 65504) and divide the fp32 result by s.  bf16 has
+    fp32's exponent range and fp32 needs no scale.  A power of two: exact.  No host
+    sync: s stays on the device.
+    """
+    if dtype != torch.float16:
+        return None
+    gmax = grad_lse.detach().abs().amax().float()
+    # 2^floor(14 - log2 max|g|), clamped to [2^-100, 2^100]; 1 when max|g| is 0 or not finite.
+    e = torch.floor(14.0 - torch.log2(gmax)).clamp(-100.0, 100.0)
+    s = torch.where(torch.isfinite(gmax) & (gmax > 0), torch.exp2(e), torch.ones_like(gmax))
+    return s.reshape(1)
+
+
 def _device_guard(t: torch.Tensor):
     """Launch on the tensor's CUDA device (no-op for CPU tensors under the interpreter)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
@@ -459,8 +496,9 @@ def nt_xent_lse_backward(
     has_excl = exclude is not None
     excl = exclude if has_excl else lse  # dummy pointer when absent (never read)
     n_dblk = triton.cdiv(D, cfg.BLOCK_D)
+    scale = _grad_scale(grad_lse, q.dtype)
     common = dict(
-        HAS_EXCLUDE=has_excl, SINGLE_D=n_dblk == 1, PRECISION=_precision(q.dtype),
+        HAS_SCALE=scale is not None, HAS_EXCLUDE=has_excl, SINGLE_D=n_dblk == 1, PRECISION=_precision(q.dtype),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -471,14 +509,14 @@ def nt_xent_lse_backward(
     with _device_guard(q):
         # grad_q: one program per (row block, D chunk), loops over column tiles.
         _nt_xent_bwd_dq_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dblk)](
-            grad_lse, q, c, excl, lse, grad_q,
+            grad_lse, q, c, excl, lse, grad_q, lse if scale is None else scale,
             M, Kc, D, inv_temp,
             *strides_in, grad_q.stride(0), grad_q.stride(1),
             **common,
         )
         # grad_c: one program per (column block, D chunk), loops over row tiles.
         _nt_xent_bwd_dc_kernel[(triton.cdiv(Kc, cfg.BLOCK_N), n_dblk)](
-            grad_lse, q, c, excl, lse, grad_c,
+            grad_lse, q, c, excl, lse, grad_c, lse if scale is None else scale,
             M, Kc, D, inv_temp,
             *strides_in, grad_c.stride(0), grad_c.stride(1),
             **common,
@@ -501,13 +539,14 @@ def nt_xent_lse_backward_sym(
         return grad_z.zero_()
     cfg = _config("bwd", z.dtype, D, z.device, _aligned(z))
     n_dblk = triton.cdiv(D, cfg.BLOCK_D)
+    scale = _grad_scale(grad_lse, z.dtype)
     with _device_guard(z):
         _nt_xent_bwd_sym_kernel[(triton.cdiv(M, cfg.BLOCK_M), n_dblk)](
-            grad_lse, z, lse, grad_z,
+            grad_lse, z, lse, grad_z, lse if scale is None else scale,
             M, D, inv_temp,
             grad_lse.stride(0), z.stride(0), z.stride(1), lse.stride(0),
             grad_z.stride(0), grad_z.stride(1),
-            SINGLE_D=n_dblk == 1, PRECISION=_precision(z.dtype),
+            HAS_SCALE=scale is not None, SINGLE_D=n_dblk == 1, PRECISION=_precision(z.dtype),
             BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_D=cfg.BLOCK_D,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
