@@ -192,8 +192,6 @@ def nt_xent_entries(cap):
         aligned = tk._aligned(q, c)
         prec = tk._precision(q.dtype)
         spills = ""  # for the backward kernels
-        if dtype == F32 and cap == (8, 0):  # known, to be fixed with per-capability configs (then drop this)
-            spills = "issue 9 item 11: sm_80 gets the H100 fp32 backward config"
         lse = meta(M)
         excl = meta(M, dtype="int64")
         for has_excl in (False, True):

@@ -350,20 +350,25 @@ def _block_d(D: int, cap: int) -> int:
     return max(16, min(cap, triton.next_power_of_2(D)))
 
 
-def _gpu_config(kind: str, dtype: torch.dtype, D: int, aligned: bool = True) -> _Config:
+def _gpu_config(kind: str, dtype: torch.dtype, D: int, aligned: bool = True,
+                capability: Tuple[int, int] = (9, 0)) -> _Config:
     """Block sizes for an H100/H200-class GPU. kind: "fwd" or "bwd".
 
     aligned: every (M, D) operand has unit stride along D, a row stride that is a
     multiple of 16 elements and a 16-byte aligned pointer (what Triton specialises
     on).  Otherwise rows cannot be loaded with vector / async copies and the tiles
     go through registers: narrower D chunks and more warps avoid register spills.
-    (Checked by compiling for sm_90: no spills in any of these configurations.)
+    capability: the GPU's (major, minor).  Before sm_90 the fp32 backward gets
+    32 x 32 tiles: A100's 64 x 32 tiles need > 255 registers (272 B of spills).
+    (Checked by compiling for sm_80 and sm_90, tests/test_triton_compile.py.)
     """
     if dtype == torch.float32:
         # exact fp32 dots (input_precision="ieee") run on CUDA cores: smaller tiles.
         warps = 4 if aligned else 8
         if kind == "fwd":
             return _Config(64, 64, _block_d(D, 32), num_warps=warps, num_stages=2)
+        if tuple(capability) < (9, 0):
+            return _Config(32, 32, _block_d(D, 64), num_warps=warps, num_stages=2)
         return _Config(64, 32, _block_d(D, 64), num_warps=warps, num_stages=2)
     # fp16 / bf16 on tensor cores
     if kind == "fwd":
@@ -384,7 +389,7 @@ def _interpreter_config(kind: str, dtype: torch.dtype, D: int, aligned: bool = T
 
 def _config(kind: str, dtype: torch.dtype, D: int, device: torch.device, aligned: bool = True) -> _Config:
     if device.type == "cuda":
-        return _gpu_config(kind, dtype, D, aligned)
+        return _gpu_config(kind, dtype, D, aligned, torch.cuda.get_device_capability(device))
     return _interpreter_config(kind, dtype, D, aligned)
 
 
