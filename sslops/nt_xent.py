@@ -58,6 +58,29 @@ def _(grad_lse, z, lse, inv_temp):
     return z.new_empty(z.shape)
 
 
+def _lse_formula(q: Tensor, c: Tensor, exclude: Optional[Tensor], inv_temp: float, sym: bool) -> Tensor:
+    """The log-sum-exp as plain differentiable torch ops (materialises the logits)."""
+    dt = _lse_dtype(q)
+    x = (q.to(dt) @ c.to(dt).mT) * inv_temp  # (M, Kc)
+    cols = torch.arange(c.shape[0], device=q.device)
+    if sym:
+        x = x.masked_fill(cols[None, :] == cols[:, None], float("-inf"))
+    elif exclude is not None:
+        x = x.masked_fill(cols[None, :] == exclude[:, None], float("-inf"))
+    return torch.logsumexp(x, 1)
+
+
+def _create_graph_backward(grad, tensors, exclude, inv_temp, sym):
+    """backward(create_graph=True): the fused backward kernels have no derivative of
+    their own, so the gradient is taken through the plain formula, which autograd
+    can differentiate again (exact second-order gradients, O(M Kc) memory)."""
+    need = [t for t in tensors if t.requires_grad]
+    with torch.enable_grad():
+        lse = _lse_formula(tensors[0], tensors[-1], exclude, inv_temp, sym)
+        got = iter(torch.autograd.grad(lse, need, grad, create_graph=True))
+    return [next(got) if t.requires_grad else None for t in tensors]
+
+
 def _setup_lse(ctx, inputs, output):
     q, c, exclude, inv_temp = inputs
     ctx.save_for_backward(q, c, exclude, output)
@@ -66,6 +89,8 @@ def _setup_lse(ctx, inputs, output):
 
 def _backward_lse(ctx, grad, ops=torch.ops.sslops):
     q, c, exclude, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_create_graph_backward(grad, (q, c), exclude, ctx.inv_temp, False), None, None)
     grad_q, grad_c = ops.nt_xent_lse_backward(grad, q, c, exclude, lse, ctx.inv_temp)
     return grad_q, grad_c, None, None
 
@@ -78,6 +103,8 @@ def _setup_lse_sym(ctx, inputs, output):
 
 def _backward_lse_sym(ctx, grad, ops=torch.ops.sslops):
     z, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _create_graph_backward(grad, (z,), None, ctx.inv_temp, True)[0], None
     return ops.nt_xent_lse_backward_sym(grad, z, lse, ctx.inv_temp), None
 
 
@@ -132,12 +159,16 @@ nt_xent_lse_backward_sym_triton.register_fake(lambda grad_lse, z, lse, inv_temp:
 
 def _backward_lse_triton(ctx, grad):
     q, c, exclude, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return (*_create_graph_backward(grad, (q, c), exclude, ctx.inv_temp, False), None, None)
     grad_q, grad_c = nt_xent_lse_backward_triton(grad, q, c, exclude, lse, ctx.inv_temp)
     return grad_q, grad_c, None, None
 
 
 def _backward_lse_sym_triton(ctx, grad):
     z, lse = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True
+        return _create_graph_backward(grad, (z,), None, ctx.inv_temp, True)[0], None
     return nt_xent_lse_backward_sym_triton(grad, z, lse, ctx.inv_temp), None
 
 
