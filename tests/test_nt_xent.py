@@ -561,3 +561,38 @@ def test_double_backward_matches_reference(backend, sym):
     for g, w in zip(got, want):
         assert w.abs().max() > 1e-3  # the second-order term is not trivially zero
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def _same_special_values(out, ref, what):
+    assert torch.equal(out.isnan(), ref.isnan()), f"{what}: NaN pattern {out} vs reference {ref}"
+    assert torch.equal(out.isposinf(), ref.isposinf()) and torch.equal(out.isneginf(), ref.isneginf()), \
+        f"{what}: inf pattern {out} vs reference {ref}"
+    fin = ref.isfinite()
+    torch.testing.assert_close(out[fin], ref[fin], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_AND_EMU if b != "reference"])
+def test_nan_and_inf_propagate_like_the_reference(backend):
+    # A NaN in the negatives queue must not give a "perfect" loss of 0 (lse = -inf):
+    # every anchor sees it, so every loss is NaN, as in the reference.
+    q, k = _views(5, 8, seed=4)
+    queue = torch.randn(7, 8)
+    queue[3, 2] = float("nan")
+    for reduction in ("none", "mean"):
+        kw = dict(temperature=0.1, reduction=reduction)
+        _same_special_values(sslops.info_nce(q, k, queue, backend=backend, **kw),
+                             sslops.info_nce(q, k, queue, backend="reference", **kw), f"info_nce {reduction}")
+    # One NaN row in z1: nt_xent rows all see it.
+    z1, z2 = _views(6, 8, seed=5)
+    z1[2, 0] = float("nan")
+    kw = dict(temperature=0.2, reduction="none")
+    _same_special_values(sslops.nt_xent(z1, z2, backend=backend, **kw),
+                         sslops.nt_xent(z1, z2, backend="reference", **kw), "nt_xent NaN row")
+    # normalize=False: logits overflowing to +inf give lse = +inf (loss +inf or NaN
+    # as in the reference), never -inf.
+    z1, z2 = _views(6, 8, seed=6)
+    z1[1] = 1e20
+    z1[4] = 1e20
+    kw = dict(temperature=0.5, normalize=False, reduction="none")
+    _same_special_values(sslops.nt_xent(z1, z2, backend=backend, **kw),
+                         sslops.nt_xent(z1, z2, backend="reference", **kw), "nt_xent +inf logits")

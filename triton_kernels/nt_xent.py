@@ -132,8 +132,11 @@ def _nt_xent_lse_fwd_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
 
-    # l_i == 0: no column left for this row -> lse = -inf (log never sees 0).
-    lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)), float("-inf"))
+    # As csrc/common/nt_xent.h lse_finalize: l_i == 0 (no column left) -> -inf (log
+    # never sees 0); a +inf logit -> +inf; a NaN logit (l_i NaN) -> NaN.
+    lse = tl.where(l_i > 0.0, m_i + tl.log(tl.where(l_i > 0.0, l_i, 1.0)),
+                   tl.where(l_i == 0.0, float("-inf"), l_i))
+    lse = tl.where(m_i == float("inf"), float("inf"), lse)
     tl.store(lse_ptr + rows * stride_lse, lse, mask=mask_m)
 
 

@@ -48,10 +48,14 @@ SSLOPS_HD void lse_merge(T& m, T& l, T tile_m, T tile_l) {
   }
 }
 
-// log-sum-exp of a row from its running state; -inf for a row with no logit.
+// log-sum-exp of a row from its running state, with the reference's special
+// values: -inf for a row with no logit; +inf when a logit is +inf (exp(inf - inf)
+// made l NaN); NaN when a logit is NaN (l is NaN), never a "perfect" -inf.
 template <typename T>
 SSLOPS_HD T lse_finalize(T m, T l) {
-  return l > T(0) ? m + log_(l) : neg_inf<T>();
+  if (m == -neg_inf<T>()) return m;
+  if (l > T(0)) return m + log_(l);
+  return l == T(0) ? neg_inf<T>() : l;
 }
 
 // Gradient weight of logit x of a row with log-sum-exp lse and upstream grad g.
