@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from ._distributed import gather_with_grad, rank_and_world
+from ._distributed import gather_rows_with_grad, rank_and_world
 
 # The Triton kernels keep fp32 state and use fp32/fp16/bf16 tl.dot: no float64.
 _TRITON_DTYPES = {"triton": (torch.float32, torch.float16, torch.bfloat16)}
@@ -157,6 +157,8 @@ def _kernel_dtype(x: Tensor, backend: str) -> Tensor:
 
 
 def _lse(q: Tensor, c: Tensor, exclude: Optional[Tensor], inv_temp: float, backend: str) -> Tensor:
+    if q.shape[0] == 0:  # a rank with an empty batch: keep c in the graph for the gather's backward
+        return (reference._acc(c).sum() * 0).expand(0)
     if backend == "reference":
         return reference.nt_xent_lse(q, c, exclude, inv_temp)
     q, c = _kernel_dtype(q, backend), _kernel_dtype(c, backend)
@@ -177,14 +179,14 @@ def _lse_sym(z: Tensor, inv_temp: float, backend: str) -> Tensor:
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
-def _embeddings(a: Tensor, a_name: str, b: Tensor, b_name: str) -> None:
+def _embeddings(a: Tensor, a_name: str, b: Tensor, b_name: str, allow_empty: bool = False) -> None:
     _checks.tensor(a, a_name, ndim=2, floating=True)
     _checks.tensor(b, b_name, ndim=2, floating=True)
     _checks.same_dtype(a, a_name, b, b_name)
     _checks.same_device(a, a_name, b, b_name)
     if a.shape != b.shape:
         raise ValueError(f"{a_name} and {b_name} must have the same shape (N, D), got {tuple(a.shape)} and {tuple(b.shape)}")
-    if a.shape[0] == 0:
+    if a.shape[0] == 0 and not allow_empty:
         raise ValueError(f"{a_name} is an empty batch: N must be >= 1")
     if a.shape[1] == 0:
         raise ValueError(f"{a_name} has width D = 0: D must be >= 1")
@@ -199,9 +201,10 @@ def _positive(a: Tensor, b: Tensor, inv_temp: float) -> Tensor:
     return (reference._acc(a) * reference._acc(b)).sum(1) * inv_temp
 
 
-def _reduce(losses: Tensor, reduction: str, dtype: torch.dtype) -> Tensor:
+def _reduce(losses: Tensor, reduction: str, dtype: torch.dtype, count: Optional[float] = None) -> Tensor:
+    # count: the mean's denominator when it is not losses.numel() (gathered batches).
     if reduction == "mean":
-        losses = losses.mean()
+        losses = losses.mean() if count is None else losses.sum() / count
     elif reduction == "sum":
         losses = losses.sum()
     return losses.to(dtype)
@@ -226,9 +229,13 @@ def nt_xent(
         normalize: L2-normalise the rows first (cosine similarity).
         gather_distributed: with torch.distributed initialised, take candidates
             from every rank (all_gather of the (N, D) embeddings, gradients
-            flow back to their rank).  Each rank's loss is the mean over its own
-            2N anchors, so DDP-averaged gradients equal single-process training
-            on the concatenated batch (lightly's convention).
+            flow back to their rank).  Ranks may hold different N, 0 included
+            (the last batch of an epoch); D must agree.  With reduction="mean"
+            each rank returns the sum over its own 2N anchors divided by
+            2 * (total N) / world_size: with equal N that is the mean over its
+            own anchors (lightly's convention), and in every case the mean of
+            the ranks' losses and the DDP-averaged gradients equal
+            single-process training on the concatenated batch.
         reduction: "mean" | "sum" | "none" ((2N,) per-anchor losses, z1's first).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference" (| "emu", tests only).
 
@@ -239,7 +246,8 @@ def nt_xent(
     negatives are the other 2N - 2 embeddings.  Same definition as
     ``lightly.loss.NTXentLoss`` (without memory bank) and the SimCLR paper.
     """
-    _embeddings(z1, "z1", z2, "z2")
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    _embeddings(z1, "z1", z2, "z2", allow_empty=world > 1)
     inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
     _checks.choice(reduction, "reduction", REDUCTIONS)
     be = _backend.resolve("nt_xent", backend, z1.device, z1.dtype)
@@ -247,18 +255,20 @@ def nt_xent(
     if normalize:
         z1, z2 = _normalize(z1), _normalize(z2)
     pos = _positive(z1, z2, inv_temp)
-    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    count = None
     if world > 1:
-        n = z1.shape[0]
-        z1_all, z2_all = gather_with_grad(z1), gather_with_grad(z2)
+        z1_all, sizes = gather_rows_with_grad(z1, "z1")
+        z2_all, _ = gather_rows_with_grad(z2, "z2")
+        total = sum(sizes)
         q, c = torch.cat([z1, z2]), torch.cat([z1_all, z2_all])
-        own = torch.arange(n, device=z1.device) + rank * n
-        exclude = torch.cat([own, own + world * n])
+        own = torch.arange(z1.shape[0], device=z1.device) + sum(sizes[:rank])
+        exclude = torch.cat([own, own + total])
         lse = _lse(q, c, exclude, inv_temp, be)
+        count = 2 * total / world
     else:
         lse = _lse_sym(torch.cat([z1, z2]), inv_temp, be)
     losses = lse.to(pos.dtype) - torch.cat([pos, pos])
-    return _reduce(losses, reduction, out_dtype)
+    return _reduce(losses, reduction, out_dtype, count)
 
 
 def info_nce(
@@ -268,6 +278,7 @@ def info_nce(
     temperature: float = 0.07,
     *,
     normalize: bool = True,
+    gather_distributed: bool = False,
     reduction: str = "mean",
     backend: str = "auto",
 ) -> Tensor:
@@ -278,12 +289,19 @@ def info_nce(
         key: (N, D); key[i] is the positive of query[i].
         negatives: optional (K, D) negatives shared by every row (a MoCo queue).
             When absent, the negatives of row i are the other rows of key.
+        gather_distributed: in-batch negatives only (negatives=None): the
+            candidates of every row are the keys of every rank (MoCo v3);
+            uneven N, the mean's denominator and gradients as in :func:`nt_xent`.
         temperature, normalize, reduction, backend: as in :func:`nt_xent`.
 
     Returns:
         The loss in query's dtype: a scalar, or (N,) for reduction="none".
     """
-    _embeddings(query, "query", key, "key")
+    if gather_distributed and negatives is not None:
+        raise ValueError("gather_distributed=True gathers the in-batch keys: it takes negatives=None "
+                         "(gather a negatives queue yourself)")
+    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    _embeddings(query, "query", key, "key", allow_empty=world > 1)
     inv_temp = 1.0 / _checks.positive_finite(temperature, "temperature")
     _checks.choice(reduction, "reduction", REDUCTIONS)
     if negatives is not None:
@@ -302,11 +320,16 @@ def info_nce(
         query, key = _normalize(query), _normalize(key)
         negatives = None if negatives is None else _normalize(negatives)
     pos = _positive(query, key, inv_temp)
-    if negatives is None:
+    count = None
+    if world > 1:
+        key_all, sizes = gather_rows_with_grad(key, "key")
+        lse = _lse(query, key_all, None, inv_temp, be).to(pos.dtype)
+        count = sum(sizes) / world
+    elif negatives is None:
         lse = _lse(query, key, None, inv_temp, be).to(pos.dtype)
     else:  # candidates: the row's own key and the queue
         lse = torch.logaddexp(_lse(query, negatives, None, inv_temp, be).to(pos.dtype), pos)
-    return _reduce(lse - pos, reduction, out_dtype)
+    return _reduce(lse - pos, reduction, out_dtype, count)
 
 
 class NTXentLoss(torch.nn.Module):
