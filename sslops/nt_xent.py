@@ -9,6 +9,7 @@ is a plain row-wise dot product, so ``loss_i = lse_i - pos_i``.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import Optional
 
 import torch
@@ -332,9 +333,69 @@ def info_nce(
     return _reduce(lse - pos, reduction, out_dtype, count)
 
 
+def _bank_size(size) -> tuple[int, ...]:
+    """lightly 1.6's MemoryBankModule rules for memory_bank_size: 0 or (0, D)
+    disables the bank, (K, D) sets it, a bare int K > 0 is refused."""
+    if size is None:
+        return (0,)
+    is_int = isinstance(size, numbers.Integral) and not isinstance(size, bool)
+    try:
+        entries = (int(size),) if is_int else tuple(size)
+    except TypeError:
+        raise ValueError(f"memory_bank_size must be 0 or a (num_features, dim) tuple, got {size!r}") from None
+    if any(isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0 for x in entries):
+        raise ValueError(f"memory_bank_size={size!r}: entries must be non-negative ints")
+    if is_int and size > 0:
+        raise ValueError(
+            f"memory_bank_size={size} does not specify the feature dimension: set it with "
+            f"memory_bank_size=({size}, dim), or pass memory_bank_size=0 to disable the memory bank"
+        )
+    if entries != (0,) and len(entries) != 2:
+        raise ValueError(f"memory_bank_size={size!r}: expected a (num_features, dim) tuple, or 0 for no bank")
+    return tuple(int(x) for x in entries)
+
+
+class _MemoryBank(torch.nn.Module):
+    """lightly's MemoryBankModule: a (K, D) first-in first-out queue of
+    normalised rows, in buffers ``bank`` and ``bank_ptr`` (persistent here, so
+    they are in the state dict; lightly's are not)."""
+
+    def __init__(self, size: tuple[int, int], gather_distributed: bool):
+        super().__init__()
+        self.size = size
+        self.gather_distributed = gather_distributed
+        # lightly's initialisation, same RNG draws: randn (K, D) in float32, rows normalised.
+        self.register_buffer("bank", F.normalize(torch.randn(size).float(), dim=-1))
+        self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, batch: Tensor) -> None:
+        """lightly's _dequeue_and_enqueue: rows past the end of the bank are
+        dropped and the pointer goes back to 0."""
+        if self.gather_distributed and rank_and_world()[1] > 1:
+            batch, _ = gather_rows_with_grad(batch, "out1")
+        k, n, ptr = self.size[0], batch.shape[0], int(self.bank_ptr)
+        if ptr + n >= k:
+            self.bank[ptr:] = batch[: k - ptr].detach()
+            self.bank_ptr.zero_()
+        else:
+            self.bank[ptr: ptr + n] = batch.detach()
+            self.bank_ptr[0] = ptr + n
+
+
 class NTXentLoss(torch.nn.Module):
-    """Drop-in for ``lightly.loss.NTXentLoss`` (same arguments, in the same
-    order; ``memory_bank_size`` must be 0).
+    """Drop-in for ``lightly.loss.NTXentLoss`` 1.6 (same arguments, in the same
+    order, same memory bank).
+
+    Without a memory bank (``memory_bank_size=0``) this is :func:`nt_xent`.
+    With ``memory_bank_size=(K, D)`` it is lightly's MoCo-style loss, built on
+    the fused :func:`info_nce`: the anchors are out0's rows only, the
+    candidates of row i are out1[i] (positive) and the K bank rows, taken
+    before this step's update; then, if out0 requires grad, the normalised
+    out1 (gathered from every rank first when ``gather_distributed``) is
+    pushed into the bank, without autograd, first-in first-out as lightly
+    does.  The bank is the buffer ``memory_bank.bank`` (float32 unless the
+    module is moved with ``.to(dtype)``; used in the embeddings' dtype).
 
     >>> criterion = sslops.NTXentLoss(temperature=0.5)
     >>> loss = criterion(out0, out1)   # (N, D) projections of two views
@@ -343,22 +404,33 @@ class NTXentLoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False,
                  normalize: bool = True, backend: str = "auto"):
         super().__init__()
-        if memory_bank_size not in (0, None):
-            raise ValueError(
-                f"memory_bank_size={memory_bank_size!r}: sslops.NTXentLoss has no memory bank; "
-                "use sslops.info_nce(query, key, negatives=queue) for MoCo-style negatives"
-            )
+        size = _bank_size(memory_bank_size)
+        self.memory_bank_size = size if size[0] > 0 else 0
+        self.memory_bank = _MemoryBank(size, gather_distributed) if size[0] > 0 else None
         self.temperature = _checks.positive_finite(temperature, "temperature")
         self.gather_distributed = gather_distributed
         self.normalize = normalize
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
-                       gather_distributed=self.gather_distributed, backend=self.backend)
+        if self.memory_bank is None:
+            return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
+                           gather_distributed=self.gather_distributed, backend=self.backend)
+        _embeddings(out0, "out0", out1, "out1")
+        if out0.shape[1] != self.memory_bank_size[1]:
+            raise ValueError(f"memory_bank_size={self.memory_bank_size} holds rows of D = "
+                             f"{self.memory_bank_size[1]}, but out0 and out1 have D = {out0.shape[1]}")
+        if self.normalize:
+            out0, out1 = _normalize(out0), _normalize(out1)
+        # Negatives: the bank before this step's update (a copy: the backward must not see the push).
+        negatives = self.memory_bank.bank.detach().to(out0.device, out0.dtype, copy=True)
+        if out0.requires_grad:  # lightly's rule: no update when evaluating
+            self.memory_bank.push(out1)
+        return info_nce(out0, out1, negatives, self.temperature, normalize=False, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, gather_distributed={self.gather_distributed}, backend={self.backend!r}"
+        return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "
+                f"gather_distributed={self.gather_distributed}, backend={self.backend!r}")
 
 
 class InfoNCELoss(torch.nn.Module):
