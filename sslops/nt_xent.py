@@ -369,11 +369,13 @@ class _MemoryBank(torch.nn.Module):
         self.register_buffer("bank_ptr", torch.zeros(1, dtype=torch.long))
 
     @torch.no_grad()
-    def push(self, batch: Tensor) -> None:
+    def push(self, batch: Tensor) -> Optional[list[int]]:
         """lightly's _dequeue_and_enqueue: rows past the end of the bank are
-        dropped and the pointer goes back to 0."""
+        dropped and the pointer goes back to 0.  Returns the ranks' row counts
+        when it gathers (ranks may differ, 0 rows included), else None."""
+        sizes = None
         if self.gather_distributed and rank_and_world()[1] > 1:
-            batch, _ = gather_rows_with_grad(batch, "out1")
+            batch, sizes = gather_rows_with_grad(batch, "out1")
         k, n, ptr = self.size[0], batch.shape[0], int(self.bank_ptr)
         if ptr + n >= k:
             self.bank[ptr:] = batch[: k - ptr].detach()
@@ -381,6 +383,7 @@ class _MemoryBank(torch.nn.Module):
         else:
             self.bank[ptr: ptr + n] = batch.detach()
             self.bank_ptr[0] = ptr + n
+        return sizes
 
 
 class NTXentLoss(torch.nn.Module):
@@ -396,6 +399,11 @@ class NTXentLoss(torch.nn.Module):
     pushed into the bank, without autograd, first-in first-out as lightly
     does.  The bank is the buffer ``memory_bank.bank`` (float32 unless the
     module is moved with ``.to(dtype)``; used in the embeddings' dtype).
+    Negatives are never gathered (lightly's rule).  When the ranks' batch
+    sizes differ (0 rows included) in a gathered training step, the mean's
+    denominator is (total N) / world_size as in :func:`nt_xent`, so
+    DDP-averaged gradients equal one process on the concatenated batch; with
+    equal sizes that is lightly's per-rank mean.
 
     >>> criterion = sslops.NTXentLoss(temperature=0.5)
     >>> loss = criterion(out0, out1)   # (N, D) projections of two views
@@ -416,7 +424,9 @@ class NTXentLoss(torch.nn.Module):
         if self.memory_bank is None:
             return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
                            gather_distributed=self.gather_distributed, backend=self.backend)
-        _embeddings(out0, "out0", out1, "out1")
+        train = out0.requires_grad  # lightly's rule: no update when evaluating
+        gathered = train and self.gather_distributed and rank_and_world()[1] > 1
+        _embeddings(out0, "out0", out1, "out1", allow_empty=gathered)
         if out0.shape[1] != self.memory_bank_size[1]:
             raise ValueError(f"memory_bank_size={self.memory_bank_size} holds rows of D = "
                              f"{self.memory_bank_size[1]}, but out0 and out1 have D = {out0.shape[1]}")
@@ -424,9 +434,14 @@ class NTXentLoss(torch.nn.Module):
             out0, out1 = _normalize(out0), _normalize(out1)
         # Negatives: the bank before this step's update (a copy: the backward must not see the push).
         negatives = self.memory_bank.bank.detach().to(out0.device, out0.dtype, copy=True)
-        if out0.requires_grad:  # lightly's rule: no update when evaluating
-            self.memory_bank.push(out1)
-        return info_nce(out0, out1, negatives, self.temperature, normalize=False, backend=self.backend)
+        sizes = self.memory_bank.push(out1) if train else None
+        if out0.shape[0] == 0:  # a rank with an empty batch: its loss is 0, its gradients 0
+            losses = (out0 * 0).sum(1) + (out1 * 0).sum(1)
+        else:
+            losses = info_nce(out0, out1, negatives, self.temperature, normalize=False, reduction="none",
+                              backend=self.backend)
+        count = None if sizes is None else sum(sizes) / rank_and_world()[1]
+        return _reduce(losses, "mean", losses.dtype, count)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, memory_bank_size={self.memory_bank_size}, "

@@ -14,6 +14,7 @@ from sslops import reference
 
 BACKENDS = [b for b in sslops.backends("nt_xent", "cpu", torch.float64)]  # cpu, reference
 WORLD, D, T = 2, 8, 0.2
+BANK = 16
 
 
 def _batch(sizes, d=D, seed=7):
@@ -45,6 +46,17 @@ def _worker(rank, sizes, widths, init_file, out_dir):
                 loss = fn(a, b, temperature=T, gather_distributed=True, backend=backend)
                 loss.backward()
                 out[backend, op] = dict(per_row=per_row.detach(), loss=loss.detach(), ga=a.grad, gb=b.grad)
+        # Memory bank, gathered update: two steps (13 rows each for (8, 5): the FIFO wraps).
+        torch.manual_seed(0)
+        m = sslops.NTXentLoss(T, memory_bank_size=(BANK, D), gather_distributed=True).double()
+        for step in range(2):
+            a_all, b_all = _batch(sizes, seed=11 + step)
+            a = a_all[_rows(sizes, rank)].clone().requires_grad_()
+            b = b_all[_rows(sizes, rank)].clone().requires_grad_()
+            loss = m(a, b)
+            loss.backward()
+            out["bank", step] = dict(loss=loss.detach(), ga=a.grad, gb=b.grad, bank=m.memory_bank.bank.clone(),
+                                     ptr=int(m.memory_bank.bank_ptr))
         # D differs between ranks: every rank raises, none waits for the others.
         z = torch.randn(3, widths[rank], dtype=torch.float64)
         try:
@@ -99,6 +111,22 @@ def test_uneven_batches_two_gloo_processes(sizes, tmp_path):
                 torch.testing.assert_close(r["gb"] / WORLD, gb_full[rows])
                 losses.append(r["loss"])
             torch.testing.assert_close(torch.stack(losses).mean(), per_row.mean())
+    # Memory bank: one process with the concatenated batch and no gather is the reference
+    # (tests/test_nt_xent_memory_bank.py checks that one against lightly).
+    torch.manual_seed(0)
+    ref = sslops.NTXentLoss(T, memory_bank_size=(BANK, D)).double()
+    for step in range(2):
+        a_all, b_all = _batch(sizes, seed=11 + step)
+        a, b = a_all.clone().requires_grad_(), b_all.clone().requires_grad_()
+        loss = ref(a, b)
+        loss.backward()
+        for rank, res in enumerate(results):
+            r, rows = res["bank", step], _rows(sizes, rank)
+            torch.testing.assert_close(r["bank"], ref.memory_bank.bank)  # every rank pushed every rank's rows
+            assert r["ptr"] == int(ref.memory_bank.bank_ptr)
+            torch.testing.assert_close(r["ga"] / WORLD, a.grad[rows])
+            torch.testing.assert_close(r["gb"] / WORLD, b.grad[rows])
+        torch.testing.assert_close(torch.stack([res["bank", step]["loss"] for res in results]).mean(), loss.detach())
     for rank, res in enumerate(results):
         assert "z1" in res["width_error"] and "same width D" in res["width_error"], res.get("width_error")
 
