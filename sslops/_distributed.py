@@ -22,3 +22,33 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     import torch.distributed.nn.functional as dist_fn
 
     return torch.cat(dist_fn.all_gather(x), dim=0)
+
+
+def gather_rows_with_grad(x: torch.Tensor, name: str) -> tuple[torch.Tensor, list[int]]:
+    """all_gather along dim 0 of (n_r, D) tensors whose n_r differ between ranks.
+
+    Gathers the row counts and widths first (so a rank with 0 rows takes part
+    like any other and no rank waits forever), pads every rank's rows to the
+    largest n_r, gathers them with :func:`gather_with_grad` and strips the
+    padding.  Returns the (sum n_r, D) concatenation in rank order and the
+    list of n_r.  Every rank raises the same ValueError when the widths differ.
+    """
+    rank, world = rank_and_world()
+    shape = torch.tensor([x.shape[0], x.shape[1]], dtype=torch.long, device=x.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    sizes = [int(s[0]) for s in shapes]
+    widths = [int(s[1]) for s in shapes]
+    if len(set(widths)) != 1:
+        raise ValueError(
+            f"{name} must have the same width D on every rank for gather_distributed=True, "
+            f"got D = {widths} on ranks 0..{world - 1} (this is rank {rank})"
+        )
+    if sum(sizes) == 0:
+        raise ValueError(f"{name} is an empty batch on every rank: N must be >= 1 on at least one rank")
+    top = max(sizes)
+    if len(set(sizes)) == 1:
+        return gather_with_grad(x), sizes
+    padded = torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])]) if x.shape[0] < top else x
+    parts = gather_with_grad(padded).split(top)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
