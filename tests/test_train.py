@@ -163,3 +163,45 @@ def test_views_differ_and_reproduce(beton):
     assert torch.equal(im, im_b) and torch.equal(lab, lab_b) and torch.equal(a1, b1) and torch.equal(a2, b2)
     _, c1, _, _ = first_batch(6)
     assert not torch.equal(a1, c1)
+
+
+def _cli(*args):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return [sys.executable, "-m", "sslops.train", *args], env
+
+
+def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(beton, tmp_path):
+    """A real SIGKILL of the training process in the middle of an epoch, then --resume."""
+    import signal
+    import time
+
+    args = _args(beton, tmp_path / "x")[4:]  # drop --data/--out: set per run below
+    args[args.index("--epochs") + 1] = "3"
+    full, part = tmp_path / "full", tmp_path / "part"
+    cmd, env = _cli("--data", beton, "--out", str(full), *args)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+
+    cmd, env = _cli("--data", beton, "--out", str(part), *args)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, t0 = part / "checkpoint.pt", time.time()
+    while not ckpt.exists():  # the first epoch is checkpointed: now kill it inside the second
+        assert proc.poll() is None and time.time() - t0 < 300, "training ended before its first checkpoint"
+        time.sleep(0.05)
+    epoch_s = time.time() - t0
+    time.sleep(min(0.3, epoch_s / 4))
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (part / "encoder.pt").exists()
+    assert torch.load(ckpt, weights_only=False)["epoch"] in (0, 1)  # never a torn file
+
+    cmd, env = _cli("--data", beton, "--out", str(part), *args, "--resume")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    a = torch.load(full / "encoder.pt", weights_only=True)
+    b = torch.load(part / "encoder.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    recs = [json.loads(line) for line in open(part / "metrics.jsonl")]
+    assert [r["epoch"] for r in recs if not r.get("final")] == [0, 1, 2]
+    assert sum(1 for r in recs if r.get("final")) == 1
+    assert not [f for f in os.listdir(part) if ".tmp" in f]

@@ -74,10 +74,15 @@ def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 1000) -> Tup
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
 
 
-def step_generator(seed: int, epoch: int, step: int, device) -> torch.Generator:
-    """The augmentation generator of one step, a pure function of (seed, epoch, step)."""
+def step_generator(seed: int, epoch: int, step: int, device, rank: int = 0, world: int = 1,
+                   stream: int = 0) -> torch.Generator:
+    """A generator of one step, a pure function of (seed, epoch, step[, rank, stream]).
+
+    Stream 0 draws the augmentation parameters, stream 1 the MAE masking noise;
+    under DDP each rank has its own stream (its images differ, so must its views)."""
+    key = [seed, epoch, step] + ([rank] if world > 1 else []) + ([1000 + stream] if stream else [])
     g = torch.Generator(device=torch.device(device))
-    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step]).generate_state(1, np.uint64)[0] >> 1))
+    g.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
     return g
 
 
@@ -93,6 +98,8 @@ class ViewLoader:
     def __init__(self, path: str, batch_size: int, views, *, num_workers: int, seed: int,
                  indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False):
         self.views, self.seed, self.device = views, int(seed), torch.device(device)
+        self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed \
+            else (0, 1)
         self.loader = _open(path, batch_size, num_workers, "random", self.seed, indices, device,
                             drop_last=True, distributed=distributed)
         if len(self.loader) == 0:
@@ -106,7 +113,7 @@ class ViewLoader:
         for step, (images, labels) in enumerate(self.loader):
             if step < start_step:
                 continue
-            self.views.generator = step_generator(self.seed, epoch, step, self.device)
+            self.views.generator = step_generator(self.seed, epoch, step, self.device, self.rank, self.world)
             yield step, (images, self.views(images), labels)
 
 

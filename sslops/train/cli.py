@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help=".beton file (default: the embedded mnist_5k, written into --out)")
     p.add_argument("--out", default="sslops-run", help="output directory")
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=256, help="per process (under torchrun the global batch "
+                   "is this times the number of processes; the learning rate scales with the global batch)")
     p.add_argument("--arch", default="tiny", help=f"one of {methods.ARCHS}")
     p.add_argument("--size", type=int, default=32, help="view size in pixels")
     p.add_argument("--seed", type=int, default=0)
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=1e-5)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     p.add_argument("--num-workers", type=int, default=2, help="ffcv decoding threads (explicit)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave as is)")
@@ -72,25 +74,53 @@ def _check(cfg) -> None:
             raise ValueError(f"--device {cfg.device}: CUDA is not available")
     elif cfg.device != "cpu":
         raise ValueError(f"--device must be cpu or cuda[:i], got {cfg.device!r}")
+    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    if cfg.precision == "fp16" and not cfg.device.startswith("cuda"):
+        raise ValueError("--precision fp16 needs --device cuda (use fp32 or bf16 on the CPU)")
+
+
+def _init_distributed(cfg) -> None:
+    """Under torchrun (WORLD_SIZE > 1): one process per GPU (nccl), or gloo on the CPU."""
+    import torch
+    import torch.distributed as dist
+
+    cfg.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.world_size <= 1 or dist.is_initialized():
+        cfg.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        return
+    if cfg.device.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cfg.device = f"cuda:{local}"
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", device_id=torch.device(cfg.device))
+    else:
+        dist.init_process_group("gloo")
 
 
 def main(argv=None) -> int:
     cfg = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
     try:
         _check(cfg)
         import torch
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        os.makedirs(cfg.out, exist_ok=True)
+        _init_distributed(cfg)
+        from .loop import _barrier, train
+
+        if rank == 0:
+            os.makedirs(cfg.out, exist_ok=True)
         if cfg.data is None:
             from sslops.data import write_embedded
 
             cfg.data = os.path.join(cfg.out, "mnist_5k.beton")
-            if not os.path.isfile(cfg.data):
+            if rank == 0 and not os.path.isfile(cfg.data):
                 write_embedded(cfg.data)
-        from .loop import train
-
+        _barrier()
         final = train(cfg)
     except (ValueError, TypeError, OSError) as e:
         print(f"sslops-train: error: {e}", file=sys.stderr)
@@ -98,6 +128,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("sslops-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     print(f"sslops-train: {cfg.epochs} epochs in {final['wall_s']:.0f} s, kNN top-1 {final['knn_top1']:.3f} "
           f"(init {final['knn_top1_init']:.3f}); outputs in {cfg.out}")
     print(json.dumps(final))

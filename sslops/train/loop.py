@@ -3,18 +3,57 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
+from contextlib import nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import torch
+import torch.distributed as dist
 
 from sslops import SSLViews
-from sslops.data.loader import ViewLoader, beton_length, eval_batches, split_indices
+from sslops.augment import Recipe
+from sslops.data.loader import ViewLoader, beton_length, eval_batches, split_indices, step_generator
 
 from . import knn, methods, optim
 
 CONFIG_KEYS = ("method", "arch", "batch_size", "epochs", "lr", "optimizer", "weight_decay", "warmup_epochs",
-               "temperature", "seed", "size")
+               "temperature", "seed", "size", "precision", "world_size")
+MAE_RECIPE = Recipe(scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0))
+TRACE_ENV = "SSLOPS_TRAIN_TRACE"  # test hook: a directory where each rank writes what it saw (tests/test_train_ddp.py)
+
+
+def rank_world():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier():
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _autocast(cfg, device):
+    if cfg.precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
 
 
 class TrainError(ValueError):
@@ -54,95 +93,151 @@ def _load_checkpoint(path: str, cfg) -> dict:
         saved = ckpt["config"]
     except Exception as e:
         raise TrainError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__})") from None
-    for key in ("method", "arch", "batch_size", "seed", "size"):
+    for key in ("method", "arch", "batch_size", "seed", "size", "world_size"):
         if saved.get(key) != getattr(cfg, key):
             raise TrainError(f"--resume: checkpoint has {key}={saved.get(key)!r}, this run has "
                              f"{key}={getattr(cfg, key)!r}")
     return ckpt
 
 
-def _knn_eval(model, data, train_idx, val_idx, cfg, device) -> float:
-    bs = 512
-    tr = knn.features(model.backbone, eval_batches(data, train_idx, bs, num_workers=cfg.num_workers, device=device))
-    va = knn.features(model.backbone, eval_batches(data, val_idx, bs, num_workers=cfg.num_workers, device=device))
-    return knn.knn_top1(*tr, *va)
+def _knn_eval(backbone, data, train_idx, val_idx, cfg, device):
+    """kNN top-1 on rank 0 (None on the other ranks, which wait)."""
+    value = None
+    if rank_world()[0] == 0:
+        bs = 512
+        with _autocast(cfg, device):
+            tr = knn.features(backbone, eval_batches(data, train_idx, bs, num_workers=cfg.num_workers, device=device))
+            va = knn.features(backbone, eval_batches(data, val_idx, bs, num_workers=cfg.num_workers, device=device))
+        value = knn.knn_top1(*tr, *va)
+    _barrier()
+    return value
 
 
 def train(cfg: SimpleNamespace) -> dict:
-    """Run (or resume) a training run described by ``cfg``; returns the final metrics record."""
+    """Run (or resume) a training run described by ``cfg``; returns the final metrics record.
+
+    Under torchrun (torch.distributed initialised by the CLI) every rank trains
+    on its own ffcv shard (same seed on every rank: disjoint shards), the loss
+    gathers embeddings across ranks, and only rank 0 writes files."""
     t_start = time.time()
+    rank, world = rank_world()
     device = torch.device(cfg.device)
     out = cfg.out
     ckpt_path, metrics_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "metrics.jsonl")
     n = beton_length(cfg.data)
     train_idx, val_idx = split_indices(n)
     bank_idx = train_idx[:cfg.knn_bank] if cfg.knn_bank else train_idx
+    trace = os.environ.get(TRACE_ENV)
 
     torch.manual_seed(cfg.seed)
-    model = methods.make_method(cfg.method, cfg.arch, temperature=cfg.temperature).to(device)
-    views = SSLViews("simclr", size=cfg.size, views=2, validate=False)
+    core = methods.make_method(cfg.method, cfg.arch, temperature=cfg.temperature, size=cfg.size,
+                               gather_distributed=world > 1).to(device)
+    if device.type == "cuda":
+        core = core.to(memory_format=torch.channels_last)
+        if world > 1:
+            core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
+    model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
+    if cfg.method == "simclr":
+        views = SSLViews("simclr", size=cfg.size, views=2, validate=False)
+    else:  # MAE: crop and flip only (He et al. 2022)
+        views = SSLViews(MAE_RECIPE, size=cfg.size, views=1, validate=False)
     loader = ViewLoader(cfg.data, cfg.batch_size, views, num_workers=cfg.num_workers, seed=cfg.seed,
-                        indices=train_idx, device=device)
+                        indices=train_idx, device=device, distributed=world > 1)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
-    peak_lr = optim.scaled_lr(cfg.lr, cfg.batch_size)
-    opt = optim.make_optimizer(cfg.optimizer, model, peak_lr, cfg.weight_decay)
+    peak_lr = optim.scaled_lr(cfg.lr, cfg.batch_size * world)  # the global batch
+    opt = optim.make_optimizer(cfg.optimizer, core, peak_lr, cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     start_epoch, kept = 0, []
     if cfg.resume:
         ckpt = _load_checkpoint(ckpt_path, cfg)
-        model.load_state_dict(ckpt["model"])
+        core.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
         start_epoch, knn_init = ckpt["epoch"] + 1, ckpt["knn_top1_init"]
         # every epoch logged exactly once: drop records of epochs the checkpoint does not hold
         kept = [r for r in _read_metrics(metrics_path) if not r.get("final") and r["epoch"] < start_epoch]
-        _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if rank == 0:
+            _atomic_write(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
     else:
-        knn_init = _knn_eval(model, cfg.data, bank_idx, val_idx, cfg, device)
-        _atomic_write(metrics_path, "")
+        knn_init = _knn_eval(core.backbone, cfg.data, bank_idx, val_idx, cfg, device)
+        if rank == 0:
+            _atomic_write(metrics_path, "")
 
     from tqdm import tqdm
 
-    record = None
+    record, seen_labels = None, []
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        t0, loss_sum, seen = time.time(), 0.0, 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress,
-                   leave=False, dynamic_ncols=True)
-        for step, (_, v, _) in loader.epoch(epoch):
+        t0, loss_sum, seen = time.time(), torch.zeros((), dtype=torch.float64, device=device), 0
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                   disable=not cfg.progress or rank != 0, leave=False, dynamic_ncols=True)
+        for step, (images, v, labels) in loader.epoch(epoch):
             lr = optim.lr_at(epoch * steps_per_epoch + step, total_steps, warmup_steps, peak_lr)
             optim.set_lr(opt, lr)
-            loss = model(v)
+            if device.type == "cuda":
+                v = [x.contiguous(memory_format=torch.channels_last) for x in v]
+            with _autocast(cfg, device):
+                if cfg.method == "simclr":
+                    loss = model(v)
+                else:  # masking noise: a pure function of (seed, epoch, step, rank), like the views
+                    loss = model(v, generator=step_generator(cfg.seed, epoch, step, device, rank, world, stream=1))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.clip_grad:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            opt.step()
-            loss_sum += loss.item()
-            seen += v[0].shape[0]
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.clip_grad)
+            scaler.step(opt)
+            scaler.update()
+            step_loss = loss.detach().double()
+            if world > 1:  # the global-batch loss: the mean of the ranks' losses (nt_xent's DDP convention)
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            loss_sum += step_loss
+            seen += v[0].shape[0] * world
+            if trace:
+                seen_labels.append(labels.cpu().tolist())
+                if epoch == start_epoch and step == 0:
+                    torch.save({"views": [x.cpu() for x in v], "loss": step_loss.item()},
+                               os.path.join(trace, f"step0_rank{rank}.pt"))
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
+            if step % 10 == 0 or step == steps_per_epoch - 1:
+                bar.set_postfix(loss=f"{step_loss.item():.3f}", img_s=f"{seen / (time.time() - t0):.0f}")
         bar.close()
-        record = {"epoch": epoch, "loss": loss_sum / steps_per_epoch, "lr": lr,
+        record = {"epoch": epoch, "loss": loss_sum.item() / steps_per_epoch, "lr": lr,
                   "images_per_s": seen / (time.time() - t0)}
         last = epoch == cfg.epochs - 1
         if last or (cfg.knn_every and (epoch + 1) % cfg.knn_every == 0):
-            record["knn_top1"] = _knn_eval(model, cfg.data, bank_idx, val_idx, cfg, device)
-        _append_metrics(metrics_path, record, kept)
-        _atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-                      "rng": {"torch": torch.get_rng_state()}, "knn_top1_init": knn_init,
-                      "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}}, ckpt_path)
+            record["knn_top1"] = _knn_eval(core.backbone, cfg.data, bank_idx, val_idx, cfg, device)
+        if rank == 0:
+            _append_metrics(metrics_path, record, kept)
+            _atomic_save({"model": core.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict(),
+                          "epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "rng": _rng_state(),
+                          "knn_top1_init": knn_init, "config": {k: getattr(cfg, k) for k in CONFIG_KEYS}},
+                         ckpt_path)
+        _barrier()
 
+    if trace:
+        with open(os.path.join(trace, f"labels_rank{rank}.json"), "w") as f:
+            json.dump(seen_labels, f)
     if record is None:
         raise TrainError(f"--resume: the run in {out} already finished {cfg.epochs} epochs")
-    _atomic_save(model.backbone.state_dict(), os.path.join(out, "encoder.pt"))
     final = {"final": True, "epoch": cfg.epochs - 1, "knn_top1": record["knn_top1"], "knn_top1_init": knn_init,
              "wall_s": time.time() - t_start}
-    _append_metrics(metrics_path, final, kept)
-    if cfg.plot:
-        from .plot import plot_metrics
+    if rank == 0:
+        _atomic_save(core.backbone.state_dict(), os.path.join(out, "encoder.pt"))
+        _append_metrics(metrics_path, final, kept)
+        if cfg.plot:
+            from .plot import plot_metrics
 
-        plot_metrics(kept, os.path.join(out, "loss.png"))
+            plot_metrics(kept, os.path.join(out, "loss.png"))
+            if hasattr(core, "plot_reconstructions"):
+                eval_images = next(iter(eval_batches(cfg.data, val_idx[:8], 8, num_workers=cfg.num_workers,
+                                                     device=device)))[0]
+                core.plot_reconstructions(eval_images, os.path.join(out, "reconstructions.png"),
+                                          generator=step_generator(cfg.seed, cfg.epochs, 0, device, stream=1))
+    _barrier()
     return final

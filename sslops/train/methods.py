@@ -67,7 +67,7 @@ class SimCLR(nn.Module):
         return sslops.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
 
 
-def make_method(method: str, arch: str, **kwargs) -> nn.Module:
+def make_method(method: str, arch: str, *, size: int = 32, **kwargs) -> nn.Module:
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return SimCLR(arch, **kwargs)
