@@ -37,8 +37,8 @@ python_env() {
   fi
   pip install -q setuptools wheel ninja >/dev/null 2>&1 || true
   if ! { python -c "import sslops._C, sslops.train, ffcv, pytest" && command -v sslops-train; } >/dev/null 2>&1; then
-    say "installing sslops[train,test] (compiles sslops._C: a few minutes)"
-    pip install -q --no-build-isolation -e ".[train,test]"
+    say "installing sslops[train,test,bench] (compiles sslops._C: a few minutes)"
+    pip install -q --no-build-isolation -e ".[train,test,bench]"
   fi
 }
 
