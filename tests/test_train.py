@@ -109,7 +109,8 @@ def test_no_decay_groups_hold_bias_and_norm():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("case", ["missing", "out_is_file", "arch", "method", "resume_nothing", "not_empty"])
+@pytest.mark.parametrize("case", ["missing", "out_is_file", "arch", "method", "resume_nothing", "not_empty",
+                                  "resume_other_arch", "resume_other_method", "resume_corrupt", "precision"])
 def test_bad_input_one_line(beton, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = _args(beton, out)
@@ -126,13 +127,29 @@ def test_bad_input_one_line(beton, tmp_path, capsys, case):
     elif case == "not_empty":
         out.mkdir()
         (out / "checkpoint.pt").write_bytes(b"precious")
+    elif case in ("resume_other_arch", "resume_other_method"):
+        out.mkdir()
+        config = {"method": "simclr", "arch": "tiny", "batch_size": 64, "seed": 3, "size": 32, "world_size": 1}
+        config["arch" if case == "resume_other_arch" else "method"] = "resnet18" if case == "resume_other_arch" \
+            else "mae"
+        torch.save({"config": config}, out / "checkpoint.pt")
+        args += ["--resume"]
+    elif case == "resume_corrupt":
+        out.mkdir()
+        (out / "checkpoint.pt").write_bytes(os.urandom(300))
+        args += ["--resume"]
+    elif case == "precision":
+        args += ["--precision", "fp16"]  # needs a GPU
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.is_dir() else None
     assert cli.main(args) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("sslops-train: error:"), err
     if case == "out_is_file":
         assert out.read_text() == "keep me"
-    if case == "not_empty":
-        assert (out / "checkpoint.pt").read_bytes() == b"precious"
+    if before is not None:  # nothing already in --out is lost
+        assert {f: (out / f).read_bytes() for f in os.listdir(out) if f in before} == before
+    if case.startswith("resume_other"):
+        assert ("arch" if case == "resume_other_arch" else "method") in err[0]
 
 
 def test_corrupt_beton_subprocess(tmp_path):
