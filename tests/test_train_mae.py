@@ -158,8 +158,12 @@ def test_loss_decreases_over_training(images):
         losses.append(loss.item())
     with torch.no_grad():
         after = model([x], generator=_gen(1000)).item()  # the same held-out mask as `before`
+        _, mask, _ = model.forward_encoder(x, _gen(1000))
+        zero = M.masked_mse(torch.zeros(32, model.num_patches, 48), M.patchify(x, 4), mask).item()
     assert all(np.isfinite(losses))
     assert after < 0.8 * before, (before, after, losses)
+    # better than predicting 0 (the mean of every normalised patch): more than the output scale learned
+    assert after < 0.7 * zero, (after, zero)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
 
 
