@@ -222,3 +222,22 @@ def test_sigkill_mid_epoch_then_resume_is_bitwise_equal(beton, tmp_path):
     assert [r["epoch"] for r in recs if not r.get("final")] == [0, 1, 2]
     assert sum(1 for r in recs if r.get("final")) == 1
     assert not [f for f in os.listdir(part) if ".tmp" in f]
+
+
+def test_mae_end_to_end(beton, tmp_path):
+    out = tmp_path / "mae"
+    args = _args(beton, out, "--method", "mae")
+    args[args.index("--epochs") + 1] = "1"
+    assert cli.main(args) == 0
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["epoch"] for r in recs if not r.get("final")] == [0] and math.isfinite(recs[0]["loss"])
+    assert 0 <= recs[-1]["knn_top1"] <= 1 and recs[-1]["final"]
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["config"]["optimizer"] == "adamw"
+    methods.make_backbone("vit-micro").load_state_dict(torch.load(out / "encoder.pt", weights_only=True))
+    assert (out / "reconstructions.png").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+
+
+def test_mae_needs_a_vit(beton, tmp_path, capsys):
+    assert cli.main(_args(beton, tmp_path / "o", "--method", "mae", "--arch", "tiny")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "vit-micro" in err[0]

@@ -23,14 +23,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--batch-size", type=int, default=256, help="per process (under torchrun the global batch "
                    "is this times the number of processes; the learning rate scales with the global batch)")
-    p.add_argument("--arch", default="tiny", help=f"one of {methods.ARCHS}")
+    p.add_argument("--arch", default=None, help=f"one of {methods.ARCHS} (default: tiny for simclr, vit-micro for mae)")
     p.add_argument("--size", type=int, default=32, help="view size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument("--optimizer", default="lars", help=f"one of {optim.OPTIMIZERS}")
-    p.add_argument("--lr", type=float, default=1.0, help="base learning rate, scaled by batch size / 256")
-    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--optimizer", default=None, help=f"one of {optim.OPTIMIZERS} (default: lars for simclr, "
+                   "adamw for mae)")
+    p.add_argument("--lr", type=float, default=None, help="base learning rate, scaled by the global batch size / 256 "
+                   "(default: 1.0 for simclr with lars, 1.5e-3 for mae with adamw)")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-5 for simclr, 0.05 for mae")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.5)
     p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16")
@@ -44,9 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULTS = {"simclr": {"arch": "tiny", "optimizer": "lars", "lr": 1.0, "weight_decay": 1e-5},
+            "mae": {"arch": "vit-micro", "optimizer": "adamw", "lr": 1.5e-3, "weight_decay": 0.05}}
+
+
 def _check(cfg) -> None:
     if cfg.method not in methods.METHODS:
         raise ValueError(f"--method must be one of {methods.METHODS}, got {cfg.method!r}")
+    for key, value in DEFAULTS[cfg.method].items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.method == "mae" and cfg.arch not in methods.VIT_ARCHS:
+        raise ValueError(f"--method mae needs a ViT --arch, one of {methods.VIT_ARCHS}; got {cfg.arch!r}")
     if cfg.arch not in methods.ARCHS:
         raise ValueError(f"--arch must be one of {methods.ARCHS}, got {cfg.arch!r}")
     if cfg.optimizer not in optim.OPTIMIZERS:

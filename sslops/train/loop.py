@@ -234,10 +234,13 @@ def train(cfg: SimpleNamespace) -> dict:
             from .plot import plot_metrics
 
             plot_metrics(kept, os.path.join(out, "loss.png"))
-            if hasattr(core, "plot_reconstructions"):
-                eval_images = next(iter(eval_batches(cfg.data, val_idx[:8], 8, num_workers=cfg.num_workers,
-                                                     device=device)))[0]
-                core.plot_reconstructions(eval_images, os.path.join(out, "reconstructions.png"),
-                                          generator=step_generator(cfg.seed, cfg.epochs, 0, device, stream=1))
+            if cfg.method == "mae":
+                from .mae import plot_reconstructions
+
+                images = next(iter(eval_batches(cfg.data, val_idx[:8], 8, num_workers=cfg.num_workers,
+                                                device=device)))[0]
+                x = knn.normalise(images)
+                masked, recon = core.reconstruct(x, step_generator(cfg.seed, cfg.epochs, 0, device, stream=1))
+                plot_reconstructions(x, masked, recon, os.path.join(out, "reconstructions.png"))
     _barrier()
     return final

@@ -1,4 +1,4 @@
-"""Encoders and the SimCLR method (backbone + projection MLP + ``sslops.nt_xent``)."""
+"""Encoders and the methods: SimCLR (backbone + projection MLP + ``sslops.nt_xent``) and MAE (mae.py)."""
 from __future__ import annotations
 
 import torch
@@ -6,8 +6,11 @@ from torch import nn
 
 import sslops
 
-ARCHS = ("tiny", "resnet18", "resnet18-cifar", "resnet50", "resnet50-cifar")
-METHODS = ("simclr",)
+from .mae import MAE, VIT_ARCHS, make_vit
+
+CNN_ARCHS = ("tiny", "resnet18", "resnet18-cifar", "resnet50", "resnet50-cifar")
+ARCHS = CNN_ARCHS + VIT_ARCHS
+METHODS = ("simclr", "mae")
 
 
 class TinyCNN(nn.Module):
@@ -29,10 +32,14 @@ class TinyCNN(nn.Module):
         return self.features(x).mean((2, 3))
 
 
-def make_backbone(arch: str) -> nn.Module:
-    """A backbone mapping (B, 3, H, W) to (B, D) features; ``.out_dim`` is D."""
+def make_backbone(arch: str, img_size: int = 32) -> nn.Module:
+    """A backbone mapping (B, 3, H, W) to (B, D) features; ``.out_dim`` is D.
+
+    ``img_size`` is used by the ViTs only (timm ViTs have a fixed grid; patch 4)."""
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch in VIT_ARCHS:
+        return make_vit(arch, img_size)
     if arch == "tiny":
         return TinyCNN()
     import torchvision
@@ -51,16 +58,16 @@ class SimCLR(nn.Module):
     """Backbone, 2-layer projection MLP, NT-Xent loss over two views."""
 
     def __init__(self, arch: str = "tiny", proj_dim: int = 128, temperature: float = 0.5,
-                 gather_distributed: bool = False):
+                 gather_distributed: bool = False, img_size: int = 32):
         super().__init__()
-        self.backbone = make_backbone(arch)
+        self.backbone = make_backbone(arch, img_size)
         d = self.backbone.out_dim
         self.projector = nn.Sequential(nn.Linear(d, d, bias=False), nn.BatchNorm1d(d), nn.ReLU(inplace=True),
                                        nn.Linear(d, proj_dim))
         self.temperature = temperature
         self.gather_distributed = gather_distributed
 
-    def forward(self, views):
+    def forward(self, views, images=None, generator=None):  # images, generator: MAE's call, unused here
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))
         z1, z2 = z.chunk(2)
@@ -68,6 +75,16 @@ class SimCLR(nn.Module):
 
 
 def make_method(method: str, arch: str, *, size: int = 32, **kwargs) -> nn.Module:
+    """SimCLR(arch, **kwargs) or MAE(arch, **kwargs) for ``size``-pixel images.  MAE needs a ViT arch
+    and has no temperature or gather: those keywords are accepted and dropped so one call site serves both."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    return SimCLR(arch, **kwargs)
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if method == "mae":
+        if arch not in VIT_ARCHS:
+            raise ValueError(f"method 'mae' needs a ViT arch, one of {VIT_ARCHS}; got {arch!r}")
+        kwargs.pop("temperature", None)
+        kwargs.pop("gather_distributed", None)
+        return MAE(arch, img_size=size, **kwargs)
+    return SimCLR(arch, img_size=size, **kwargs)

@@ -12,12 +12,18 @@ OPTIMIZERS = ("lars", "adamw")
 def param_groups(model: nn.Module, weight_decay: float):
     """Two groups: weights (decayed, LARS-adapted) and biases / norm parameters (neither)."""
     decay, no_decay = [], []
+    named = dict(model.named_parameters())
+    skip = set()  # timm's convention: a module's no_weight_decay() names tokens and position embeddings
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            skip |= {id(named[f"{prefix}.{n}" if prefix else n]) for n in module.no_weight_decay()
+                     if (f"{prefix}.{n}" if prefix else n) in named}
     for module in model.modules():
         norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
         for name, p in module.named_parameters(recurse=False):
             if not p.requires_grad:
                 continue
-            (no_decay if norm or name == "bias" or p.ndim <= 1 else decay).append(p)
+            (no_decay if norm or name == "bias" or p.ndim <= 1 or id(p) in skip else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lars": True},
             {"params": no_decay, "weight_decay": 0.0, "lars": False}]
 
