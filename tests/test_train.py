@@ -241,3 +241,12 @@ def test_mae_needs_a_vit(beton, tmp_path, capsys):
     assert cli.main(_args(beton, tmp_path / "o", "--method", "mae", "--arch", "tiny")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "vit-micro" in err[0]
+
+
+def test_loader_keeps_torch_threads(beton):
+    """ffcv sets torch's threads to num_workers in Loader() and iter(): the trainer's setting must survive."""
+    torch.set_num_threads(2)
+    loader = ViewLoader(beton, 32, SSLViews("simclr", size=32, views=2), num_workers=1, seed=0)
+    assert torch.get_num_threads() == 2
+    next(iter(loader.epoch(0)))
+    assert torch.get_num_threads() == 2

@@ -40,8 +40,11 @@ def write_beton(path: str, images: np.ndarray, labels, *, num_workers: int = 1) 
     """Write (N, H, W, 3) uint8 ``images`` and N integer ``labels`` to ``path`` (raw pixels, no JPEG).
 
     Written to a temporary name and renamed, so a killed write leaves no half file."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+    from .loader import keep_torch_threads
+
+    with keep_torch_threads():
+        from ffcv.fields import IntField, RGBImageField
+        from ffcv.writer import DatasetWriter
 
     labels = _check_arrays(images, labels)
     images = np.ascontiguousarray(images)

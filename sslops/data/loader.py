@@ -9,11 +9,23 @@ uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def keep_torch_threads():
+    """ffcv sets torch's intra-op threads on import (1), and to ``num_workers`` in every
+    ``Loader()`` and ``iter(loader)``: keep the caller's setting instead."""
+    n = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 class BetonError(ValueError):
@@ -32,6 +44,11 @@ def _pipelines(device):
 
 
 def _open(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed=False):
+    with keep_torch_threads():
+        return _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed)
+
+
+def _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed):
     from ffcv.loader import Loader, OrderOption
 
     if not os.path.isfile(path):
@@ -50,7 +67,8 @@ def _open(path, batch_size, num_workers, order, seed, indices, device, drop_last
 
 def beton_length(path: str) -> int:
     """Number of samples in a .beton (reads only the header)."""
-    from ffcv.reader import Reader
+    with keep_torch_threads():
+        from ffcv.reader import Reader
 
     if not os.path.isfile(path):
         raise BetonError(f"--data {path}: no such file")
@@ -110,7 +128,9 @@ class ViewLoader:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator:
         self.loader.next_epoch = epoch  # ffcv's order is a function of seed + epoch
-        for step, (images, labels) in enumerate(self.loader):
+        with keep_torch_threads():
+            batches = iter(self.loader)
+        for step, (images, labels) in enumerate(batches):
             if step < start_step:
                 continue
             self.views.generator = step_generator(self.seed, epoch, step, self.device, self.rank, self.world)
@@ -120,5 +140,7 @@ class ViewLoader:
 def eval_batches(path: str, indices, batch_size: int, *, num_workers: int, device="cpu"):
     """The un-augmented images (uint8, B x 3 x H x W) and labels of ``indices``, in order."""
     loader = _open(path, batch_size, num_workers, "sequential", 0, indices, device, drop_last=False)
-    for images, labels in loader:
+    with keep_torch_threads():
+        batches = iter(loader)
+    for images, labels in batches:
         yield images.clone(), labels.clone()
