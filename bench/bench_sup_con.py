@@ -8,9 +8,10 @@ Baselines, re-implemented here from their published definitions:
 * solo-learn's ``simclr_loss_func(z, indexes)`` (its "in" form, with label
   ids as ``indexes``); compared with ``sslops.sup_con(positives="in")``.
 
-sslops runs on the best CPU backend it has for each form (``auto``): "out"
-is the fused NT-Xent lse kernel plus O(N D) class sums; "in" has no fused CPU
-kernel yet and falls back to the reference (materialising) backend.
+sslops runs on the best CPU backend it has (``auto``: "cpu"): the fused
+NT-Xent lse kernel plus O(N D) class sums ("out"), plus a per-class
+log-sum-exp over the positives ("in": batched Grams for small classes, the
+fused nt_xent_lse kernel on each large class's rows).
 
     pytest bench/bench_sup_con.py --benchmark-only
 """

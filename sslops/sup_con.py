@@ -15,10 +15,16 @@ With x_ij = <z_i, z_j> / T:
 
 No backend but ``reference`` builds the (N, N) logits:
 
-* ``cpu`` / ``cuda`` (positives="out" only): lse_i is ``sslops::nt_xent_lse_sym``
-  (the fused NT-Xent kernels, tiles recomputed in the backward), and psum_i is
-  linear in the logits, psum_i = <z_i, S_{y_i} - z_i> / T with S_y the sum of
-  the rows labelled y (an index_add over N rows: O(N D)).
+* ``cpu`` / ``cuda``: lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent
+  kernels, tiles recomputed in the backward).  psum_i is linear in the
+  logits, psum_i = <z_i, S_{y_i} - z_i> / T with S_y the sum of the rows
+  labelled y (an index_add over N rows: O(N D)).  lpos_i is a log-sum-exp
+  inside row i's class only: labels=None, a (B, V, V) Gram of each sample's
+  views; with labels, the rows sorted by class, classes of <= 64 rows batched
+  as (k, n, n) Grams and larger ones through the fused ``sslops::nt_xent_lse``
+  kernel on the class's rows (O(n D) memory).  That split needs the class
+  sizes on the host, so under torch.compile the labelled lpos_i is computed
+  from the masked (N, N) logits instead (materialising; eager mode never is).
 * ``triton``: one fused kernel pair (triton_kernels/sup_con.py) whose forward
   accumulates, per row and tile by tile, the online lse over every other
   column, the online lse over the positives, and the sum and count of the
@@ -34,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, reference
-from .nt_xent import REDUCTIONS, _lse_sym, _normalize
+from .nt_xent import REDUCTIONS, _lse, _lse_sym, _normalize
 
 # The Triton kernels keep fp32 state and take fp32 / fp16 inputs (tl.dot in
 # "ieee" fp32 or fp16 on tensor cores).  bf16 and float64 are refused by name.
@@ -43,9 +49,10 @@ _TRITON_DTYPES = {"triton": (torch.float32, torch.float16)}
 _backend.register_op(
     "sup_con", compiled=("nt_xent_lse_sym", "nt_xent_lse_backward_sym"), triton=True, dtypes=_TRITON_DTYPES,
 )
-# positives="in" needs a log-sum-exp restricted to the positives: Triton (fused) or reference.
+# positives="in": also a log-sum-exp restricted to the positives (per class, nt_xent_lse).
 _backend.register_op(
-    "sup_con_in", compiled=(), triton=True, prefer=("triton", "reference"), dtypes=_TRITON_DTYPES,
+    "sup_con_in", compiled=("nt_xent_lse_sym", "nt_xent_lse_backward_sym", "nt_xent_lse", "nt_xent_lse_backward"),
+    triton=True, dtypes=_TRITON_DTYPES,
 )
 
 POSITIVES = ("out", "in")
@@ -162,6 +169,59 @@ def _class_stats(z: Tensor, ids: Tensor, B: int, V: int, inv_temp: float) -> tup
     return psum, cnt
 
 
+_BATCHED_CLASS_ROWS = 64  # classes up to this many rows: one batched (k, n, n) Gram per size
+
+
+def _masked_lse(x: Tensor) -> Tensor:
+    """logsumexp over the last dim of (..., n, n) logits with the diagonal left out."""
+    n = x.shape[-1]
+    eye = torch.eye(n, dtype=torch.bool, device=x.device)
+    return torch.logsumexp(x.masked_fill(eye, float("-inf")), -1)
+
+
+def _class_lse(z: Tensor, labels: Optional[Tensor], ids: Tensor, B: int, V: int, inv_temp: float,
+               backend: str) -> Tensor:
+    """lpos_i = log sum_{j != i, y_j = y_i} exp(x_ij) per row ((N,), -inf without a positive),
+    without the (N, N) logits (but see the torch.compile note of the module docstring)."""
+    za = reference._acc(z)
+    n, D = z.shape
+    if labels is None:  # class = sample: a (B, V, V) Gram of its views (V >= 2)
+        zb = za.reshape(V, B, D).transpose(0, 1)
+        return _masked_lse((zb @ zb.mT) * inv_temp).t().reshape(n)
+    rows = ids.repeat(V)
+    if torch.compiler.is_compiling():  # static shapes: the masked (N, N) logits
+        x = (za @ za.mT) * inv_temp
+        pos = rows[:, None] == rows[None, :]
+        return _masked_lse(x.masked_fill(~pos, float("-inf")))
+    order = torch.argsort(rows, stable=True)
+    sizes = torch.bincount(rows, minlength=B).tolist()
+    starts = [0]
+    for size in sizes[:-1]:
+        starts.append(starts[-1] + size)
+    zs = z[order]
+    out_sorted = za.new_full((n,), float("-inf"))
+    by_size: dict = {}
+    for start, size in zip(starts, sizes):
+        if size > 1:  # a class of one row has no positive: -inf
+            by_size.setdefault(size, []).append(start)
+    parts, where = [], []
+    for size, class_starts in sorted(by_size.items()):
+        if size <= _BATCHED_CLASS_ROWS:
+            idx = torch.tensor(class_starts, device=z.device)[:, None] + torch.arange(size, device=z.device)
+            blk = reference._acc(zs)[idx]  # (k, size, D)
+            parts.append(_masked_lse((blk @ blk.mT) * inv_temp).reshape(-1))
+            where.append(idx.reshape(-1))
+        else:
+            local = torch.arange(size, device=z.device)
+            for start in class_starts:
+                blk = zs[start:start + size]
+                parts.append(_lse(blk, blk, local, inv_temp, backend).to(za.dtype))
+                where.append(local + start)
+    if parts:
+        out_sorted = out_sorted.index_put((torch.cat(where),), torch.cat(parts))
+    return out_sorted[torch.argsort(order)]
+
+
 # ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
@@ -200,9 +260,9 @@ def sup_con(
         reduction: "mean" | "sum" | "none" ((B, V) per-anchor losses, entry
             [b, v] for anchor features[b, v]).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
-            positives="in" runs on "triton" and "reference" only (the compiled
-            kernels have no positives-restricted log-sum-exp yet).  "triton"
-            takes float32 and float16.
+            "triton" takes float32 and float16.  Under torch.compile, cpu and
+            cuda with labels and positives="in" materialise the (BV, BV)
+            logits (see the module docstring).
 
     Returns:
         The loss in features' dtype: a scalar, or (B, V) for reduction="none".
@@ -240,8 +300,6 @@ def sup_con(
     if be == "reference":
         return reference.sup_con(features, labels, T, base_temperature=base, positives=positives,
                                  normalize=normalize, reduction=reduction)
-    if be == "emu" and positives == "in":
-        raise ValueError("backend='emu' cannot run sup_con with positives='in' (no compiled kernel for it)")
 
     out_dtype = features.dtype
     inv_temp = 1.0 / T
@@ -253,10 +311,10 @@ def sup_con(
     if be == "triton":
         stats = sup_con_stats_triton(z, ids.repeat(V), inv_temp)
         lse, lpos, psum, cnt = stats.unbind(0)
-    else:  # cpu / cuda / emu: the fused NT-Xent lse, positives by class sums
+    else:  # cpu / cuda / emu: the fused NT-Xent lse, positives by class sums / class blocks
         lse = _lse_sym(z, inv_temp, be)
         psum, cnt = _class_stats(z, ids, B, V, inv_temp)
-        lpos = None
+        lpos = None if positives == "out" else _class_lse(z, labels, ids, B, V, inv_temp, be)
     acc = reference._acc(z).dtype
     lse = lse.to(acc)
     has = cnt > 0
