@@ -5,6 +5,7 @@ see :func:`sslops.backends` for what this install can run.
 """
 from ._backend import BACKENDS, backends, cuda_archs, cuda_built
 from .nt_xent import InfoNCELoss, NTXentLoss, info_nce, nt_xent
+from .sup_con import SupConLoss, sup_con
 from .masking import block_masking, gather_tokens, random_masking, restore_tokens
 from . import augment
 from .attention import attention, attention_qkvpacked, attention_varlen
@@ -22,6 +23,8 @@ __all__ = [
     "info_nce",
     "NTXentLoss",
     "InfoNCELoss",
+    "sup_con",
+    "SupConLoss",
     "random_masking",
     "gather_tokens",
     "restore_tokens",

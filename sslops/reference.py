@@ -62,6 +62,59 @@ def nt_xent_lse(q, c, exclude, inv_temp):
     return torch.logsumexp(logits, dim=1)
 
 
+def sup_con(features, labels=None, temperature=0.1, base_temperature=None, positives="out",
+            normalize=True, reduction="mean"):
+    """Multi-view / supervised contrastive loss (SupContrast's SupConLoss,
+    contrast_mode="all"; solo-learn's simclr_loss_func for positives="in"),
+    materialising the (BV, BV) logits.
+
+    features: (B, V, D); labels: None (positives: the other views of the same
+    sample) or (B,) ints (positives: every other row with the same label, all
+    views).  Rows are taken view-major, as SupConLoss does (row v * B + b is
+    features[b, v]).  Each row is an anchor; its candidates are all other rows.
+
+    * "out": loss_i = -(T / T_base) * mean_{p in P(i)} log softmax_{j != i}(x_i)_p
+    * "in":  loss_i = -(T / T_base) * log sum_{p in P(i)} softmax_{j != i}(x_i)_p
+
+    Anchors without a positive get loss 0 and are left out of the mean
+    (reduction="mean" divides by the number of anchors that have one; 0 when
+    none has).  reduction="none" returns (B, V) (entry [b, v]: anchor
+    features[b, v]).  The result is in features' dtype.
+    """
+    out_dtype = features.dtype
+    T = float(temperature)
+    factor = 1.0 if base_temperature is None else T / float(base_temperature)
+    f = _acc(features)
+    if normalize:
+        f = F.normalize(f, dim=2)
+    B, V, D = f.shape
+    n = B * V
+    z = f.transpose(0, 1).reshape(n, D)  # view-major
+    sample = torch.arange(B, device=f.device) if labels is None else labels.to(f.device)
+    lab = sample.repeat(V)
+    eye = torch.eye(n, dtype=torch.bool, device=f.device)
+    pos = (lab[:, None] == lab[None, :]) & ~eye
+    count = pos.sum(1)
+    has = count > 0
+    logits = (z @ z.t() / T).masked_fill(eye, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    if positives == "out":
+        per = -log_prob.masked_fill(~pos, 0.0).sum(1) / count.clamp_min(1)
+    elif positives == "in":
+        lp = log_prob.masked_fill(~pos, float("-inf")).masked_fill(~has[:, None], 0.0)
+        per = torch.where(has, -torch.logsumexp(lp, dim=1), torch.zeros_like(lp[:, 0]))
+    else:
+        raise ValueError(f"positives must be 'out' or 'in', got {positives!r}")
+    per = per * factor
+    if reduction == "mean":
+        out = per.sum() / has.sum().clamp_min(1)
+    elif reduction == "sum":
+        out = per.sum()
+    else:
+        out = per.reshape(V, B).t()
+    return out.to(out_dtype)
+
+
 # ----------------------------------------------------------------------------
 # masking: MAE / data2vec 2.0 / I-JEPA masked-token gather (sslops.masking)
 # ----------------------------------------------------------------------------

@@ -232,6 +232,31 @@ def nt_xent_entries(cap):
                     case, spills)
 
 
+# ----------------------------------------------------------------------------------------
+# sup_con (triton_kernels/sup_con.py): its *_launch functions, with meta tensors
+# ----------------------------------------------------------------------------------------
+SUP_CON_DTYPES = (F32, F16)  # what the backend accepts (sslops/sup_con.py _TRITON_DTYPES)
+# (N = B V, D): 1, odd, SimCLR / SupCon sizes (B = 1024, V = 4), two D blocks
+SUP_CON_SIZES = [(1, 1), (6, 3), (4096, 128), (130, 130), (64, 256)]
+SUP_CON_CASES = ([(dt, SUP_CON_SIZES[i], "contiguous") for dt in SUP_CON_DTYPES for i in (0, 2)]
+                 + [(dt, SUP_CON_SIZES[3], "unaligned") for dt in SUP_CON_DTYPES]
+                 + [(F32, SUP_CON_SIZES[i], "contiguous") for i in (1, 4)])
+
+
+def sup_con_entries(cap):
+    import torch
+
+    from sslops.triton_kernels import sup_con as tk
+
+    for dtype, (N, D), layout in SUP_CON_CASES:
+        case = f"{dtype} N={N} D={D} {layout}"
+        z = meta(N, D, dtype=dtype) if layout == "contiguous" else meta(N, D, dtype=dtype, stride=(D + 1, 1), offset=1)
+        labels, stats = meta(N, dtype="int64"), meta(4, N)
+        yield Entry(tk._fwd_launch(z, labels, stats, 2.0, cap), case)
+        scale = meta(1) if dtype == F16 else None
+        yield Entry(tk._bwd_launch(meta(4, N), z, labels, stats, meta(N, D, dtype=dtype), scale, 2.0, cap), case)
+
+
 def triton_cdiv(a, b):
     return (a + b - 1) // b
 
@@ -247,6 +272,7 @@ REGISTRY: Dict[str, Callable[[Tuple[int, int]], Iterable[Entry]]] = {
     "masking": masking_entries,
     "augment": augment_entries,
     "nt_xent": nt_xent_entries,
+    "sup_con": sup_con_entries,
 }
 
 
