@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=None, help="default: 1e-5 for simclr, 0.05 for mae")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--temperature", type=float, default=0.5)
+    p.add_argument("--crop-min", type=float, default=0.08, help="smallest random-resized-crop area fraction "
+                   "(SimCLR's recipe otherwise; 0.08 as in the paper)")
     p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     p.add_argument("--num-workers", type=int, default=2, help="ffcv decoding threads (explicit)")
@@ -67,6 +69,8 @@ def _check(cfg) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.batch_size < 2:
         raise ValueError(f"--batch-size must be >= 2 (contrastive negatives), got {cfg.batch_size}")
+    if not 0 < cfg.crop_min <= 1:
+        raise ValueError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
     if not cfg.lr > 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):

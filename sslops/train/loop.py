@@ -138,7 +138,7 @@ def train(cfg: SimpleNamespace) -> dict:
             core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
     model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     if cfg.method == "simclr":
-        views = SSLViews("simclr", size=cfg.size, views=2, validate=False)
+        views = SSLViews(Recipe(scale=(cfg.crop_min, 1.0)), size=cfg.size, views=2, validate=False)
     else:  # MAE: crop and flip only (He et al. 2022)
         views = SSLViews(MAE_RECIPE, size=cfg.size, views=1, validate=False)
     loader = ViewLoader(cfg.data, cfg.batch_size, views, num_workers=cfg.num_workers, seed=cfg.seed,
