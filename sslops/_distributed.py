@@ -12,6 +12,45 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherRows(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums every rank's gradient of the
+    gathered tensor (all_reduce) and keeps this rank's slice.
+
+    Written on plain ``torch.distributed`` collectives because
+    ``torch.distributed.nn.functional.all_gather`` emits a FutureWarning on
+    every call since torch 2.x.  Works with gloo and nccl.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()
+        rank, world = rank_and_world()
+        ctx.rows = (rank * x.shape[0], (rank + 1) * x.shape[0])
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return _SumOwnRows.apply(grad, *ctx.rows)
+
+
+class _SumOwnRows(torch.autograd.Function):
+    """Backward of :class:`_GatherRows`: the sum over ranks of ``grad`` (all_reduce),
+    rows ``start:stop``.  Its own backward is the gather again, so a
+    ``create_graph=True`` backward through the gather stays differentiable."""
+
+    @staticmethod
+    def forward(ctx, grad: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total[start:stop]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        return _GatherRows.apply(g), None, None
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """all_gather of ``x`` (same shape on every rank) along dim 0, differentiable.
 
@@ -19,9 +58,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     slice of its own rows, so DDP-averaged parameter gradients equal those of
     one process on the concatenated batch (works with gloo and nccl).
     """
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return _GatherRows.apply(x)
 
 
 def gather_rows_with_grad(x: torch.Tensor, name: str) -> tuple[torch.Tensor, list[int]]:

@@ -648,6 +648,32 @@ def test_emu_blur_shared_memory_limit_per_device(emu_device):
             assert_close(run(x, p, 40, "emu", kernel_size=73), oracle(x, p, 40, kernel_size=73))
 
 
+@EMU
+def test_emu_contrast_pass_is_one_wave_over_the_views_with_contrast():
+    """The contrast means run on at most one wave of blocks (4 per SM: 432 on
+    an emulated A100) that walk the (view, band) items and skip views without
+    contrast: 72 views x 8 bands = 576 items, so blocks take several items; a
+    third of the views have contrast 1.  Before, the pass launched one block
+    per item (576), also for a batch without any contrast."""
+    from sslops import _emu
+
+    n, size = 72, 64  # 8 bands of 8 rows, 2 x 2 tiles of 32
+    x = rand_images(n, 40, 48, seed=9)
+    p = A.sample_params(n, (40, 48), generator=torch.Generator().manual_seed(4))
+    p.jitter[:] = True
+    p.contrast[::3] = 1.0
+    p.blur_sigma[:] = 0.0
+    no_contrast = params(n, (2, 3, 30, 40), jitter=True, brightness=1.3, saturation=0.7)
+    for q in (p, no_contrast):
+        with _emu.emulated_device("a100"):
+            blocks = _emu.stats()["blocks"]
+            out = run(x, q, size, "emu")
+            blocks = _emu.stats()["blocks"] - blocks
+        assert_close(out, oracle(x, q, size))
+        contrast_blocks = blocks - n - 2 * n * 2 * 2  # minus prep (one per view) and the two main passes
+        assert 0 < contrast_blocks <= 108 * 4, blocks
+
+
 @pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="compiled CPU kernel not built")
 @pytest.mark.parametrize("isa", ["base", "auto"])
 def test_cpu_isa_paths(monkeypatch, isa):

@@ -467,6 +467,39 @@ def test_gpu_deterministic(backend, n, d):
     assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1]))
 
 
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_emu_many_negatives_take_one_split_per_tile(dtype):
+    """64 queries x 2560 negatives: one row block against 40 tiles.  Two waves
+    of an H100 (2 x 132 SMs x 3 blocks) want far more splits than 40, so the
+    forward and the row pass of the backward split the streamed range into
+    one tile per split (a fixed cap of 16 used to leave 14 blocks); the
+    40-way split reduction must still match float64."""
+    from sslops import _emu
+
+    ops = torch.ops.sslops_emu
+    g = torch.Generator().manual_seed(5)
+    n_tiles, d, inv_temp = 40, 32, 1 / 0.2
+    q = torch.nn.functional.normalize(torch.randn(64, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    c = torch.nn.functional.normalize(torch.randn(64 * n_tiles, d, generator=g, dtype=torch.float64), dim=1).to(dtype)
+    exclude = torch.arange(64) * 7  # row i leaves out column 7 i
+    grad = torch.rand(64, generator=g, dtype=torch.float64)
+    with _emu.emulated_device("h100"):
+        blocks = _emu.stats()["blocks"]
+        lse = ops.nt_xent_lse(q, c, exclude, inv_temp)
+        assert _emu.stats()["blocks"] - blocks == n_tiles + 1  # 40 tile blocks + 1 reduction block
+        gq, gc = ops.nt_xent_lse_backward(grad.float(), q, c, exclude, lse, inv_temp)
+    q64, c64 = q.double().requires_grad_(), c.double().requires_grad_()
+    logits = (q64 @ c64.T) * inv_temp
+    logits = logits.masked_fill(torch.nn.functional.one_hot(exclude, c.shape[0]).bool(), float("-inf"))
+    ref = torch.logsumexp(logits, dim=1)
+    ref.backward(grad)
+    tol = 2e-5 * inv_temp if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(lse.double(), ref.detach(), rtol=tol, atol=tol)
+    torch.testing.assert_close(gq.double(), q64.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(gc.double(), c64.grad, rtol=tol, atol=tol)
+
+
 # ---------------------------------------------------------------- distributed (2 gloo processes)
 def _ddp_worker(rank, world, init_file, backend, n, d, out_dir):
     import torch.distributed as dist

@@ -5,6 +5,7 @@ whose D differs raise a ValueError naming the argument on every rank."""
 import datetime
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -34,38 +35,56 @@ def _worker(rank, sizes, widths, init_file, out_dir):
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
-    out = {}
     try:
-        a_all, b_all = _batch(sizes)
-        for backend in BACKENDS:
-            for op in ("nt_xent", "info_nce"):
-                a = a_all[_rows(sizes, rank)].clone().requires_grad_()
-                b = b_all[_rows(sizes, rank)].clone().requires_grad_()
-                fn = getattr(sslops, op)
-                per_row = fn(a, b, temperature=T, gather_distributed=True, reduction="none", backend=backend)
-                loss = fn(a, b, temperature=T, gather_distributed=True, backend=backend)
-                loss.backward()
-                out[backend, op] = dict(per_row=per_row.detach(), loss=loss.detach(), ga=a.grad, gb=b.grad)
-        # Memory bank, gathered update: two steps (13 rows each for (8, 5): the FIFO wraps).
-        torch.manual_seed(0)
-        m = sslops.NTXentLoss(T, memory_bank_size=(BANK, D), gather_distributed=True).double()
-        for step in range(2):
-            a_all, b_all = _batch(sizes, seed=11 + step)
-            a = a_all[_rows(sizes, rank)].clone().requires_grad_()
-            b = b_all[_rows(sizes, rank)].clone().requires_grad_()
-            loss = m(a, b)
-            loss.backward()
-            out["bank", step] = dict(loss=loss.detach(), ga=a.grad, gb=b.grad, bank=m.memory_bank.bank.clone(),
-                                     ptr=int(m.memory_bank.bank_ptr))
-        # D differs between ranks: every rank raises, none waits for the others.
-        z = torch.randn(3, widths[rank], dtype=torch.float64)
-        try:
-            sslops.nt_xent(z, z, gather_distributed=True)
-        except ValueError as e:
-            out["width_error"] = str(e)
+        with warnings.catch_warnings(record=True) as log:
+            warnings.simplefilter("always")
+            out = _work(rank, sizes, widths)
+        out["future_warnings"] = [f"{w.filename}:{w.lineno}: {w.message}" for w in log
+                                  if issubclass(w.category, FutureWarning)]
         torch.save(out, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
+
+
+def _work(rank, sizes, widths):
+    from sslops._distributed import gather_rows_with_grad
+
+    out = {}
+    a_all, b_all = _batch(sizes)
+    for backend in BACKENDS:
+        for op in ("nt_xent", "info_nce"):
+            a = a_all[_rows(sizes, rank)].clone().requires_grad_()
+            b = b_all[_rows(sizes, rank)].clone().requires_grad_()
+            fn = getattr(sslops, op)
+            per_row = fn(a, b, temperature=T, gather_distributed=True, reduction="none", backend=backend)
+            loss = fn(a, b, temperature=T, gather_distributed=True, backend=backend)
+            loss.backward()
+            out[backend, op] = dict(per_row=per_row.detach(), loss=loss.detach(), ga=a.grad, gb=b.grad)
+    # Memory bank, gathered update: two steps (13 rows each for (8, 5): the FIFO wraps).
+    torch.manual_seed(0)
+    m = sslops.NTXentLoss(T, memory_bank_size=(BANK, D), gather_distributed=True).double()
+    for step in range(2):
+        a_all, b_all = _batch(sizes, seed=11 + step)
+        a = a_all[_rows(sizes, rank)].clone().requires_grad_()
+        b = b_all[_rows(sizes, rank)].clone().requires_grad_()
+        loss = m(a, b)
+        loss.backward()
+        out["bank", step] = dict(loss=loss.detach(), ga=a.grad, gb=b.grad, bank=m.memory_bank.bank.clone(),
+                                 ptr=int(m.memory_bank.bank_ptr))
+    # D differs between ranks: every rank raises, none waits for the others.
+    z = torch.randn(3, widths[rank], dtype=torch.float64)
+    try:
+        sslops.nt_xent(z, z, gather_distributed=True)
+    except ValueError as e:
+        out["width_error"] = str(e)
+    # Double backward through the gather: every rank computes sum(y**3) of the gathered y,
+    # so x_r's gradient is WORLD * 3 x_r**2 and that of its sum WORLD * 6 x_r.
+    x = a_all[_rows(sizes, rank)].clone().requires_grad_()
+    y, _ = gather_rows_with_grad(x, "x")
+    (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+    g.sum().backward()
+    out["double"] = dict(x=x.detach(), g=g.detach(), gg=x.grad)
+    return out
 
 
 def _spawn(args, timeout=120):
@@ -128,6 +147,12 @@ def test_uneven_batches_two_gloo_processes(sizes, tmp_path):
             torch.testing.assert_close(r["gb"] / WORLD, b.grad[rows])
         torch.testing.assert_close(torch.stack([res["bank", step]["loss"] for res in results]).mean(), loss.detach())
     for rank, res in enumerate(results):
+        # The gather (forward and backward) is warning-free: torch.distributed.nn.functional
+        # emits a FutureWarning on every all_gather.
+        assert res["future_warnings"] == [], res["future_warnings"]
+        x, g, gg = res["double"]["x"], res["double"]["g"], res["double"]["gg"]
+        torch.testing.assert_close(g, WORLD * 3 * x**2)
+        torch.testing.assert_close(gg, WORLD * 6 * x)
         assert "z1" in res["width_error"] and "same width D" in res["width_error"], res.get("width_error")
 
 

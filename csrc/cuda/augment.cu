@@ -8,8 +8,9 @@
 //                    crop (rows, and columns with the flip folded in) and its
 //                    gaussian weights, into a small workspace
 //                    (N x 2 x size x taps floats + N x kernel_size).
-//   contrast_kernel  <<<(N, bands), 256>>> only for views whose jitter has a
-//                    contrast factor != 1: contrast blends with the mean gray
+//   contrast_kernel  <<<min(N x bands, SMs x 4), 256>>> over the (view, band)
+//                    items of the views whose jitter has a contrast factor
+//                    != 1 (the others are skipped): contrast blends with the mean gray
 //                    value of the image *after the ops that precede it* in the
 //                    view's order.  Each block recomputes kBandRows rows of
 //                    that intermediate on the fly (resample from the source,
@@ -224,36 +225,51 @@ __device__ __forceinline__ void store_pixel(const Args& a, out_t* __restrict__ o
 }
 
 // ---- 2. contrast means ----
-// Blocks of views without contrast exit at once and write nothing (the main
-// kernel reads no partial sums for them).  Which views have contrast is only
-// known on the device, so the grid still covers every view: skipping the
-// launch would need a host sync.
+// A persistent grid of at most one wave of resident blocks (contrast_blocks)
+// walks the (view, band) items, band fastest; items of views without
+// contrast are skipped with one flag test (no block, no partial sum written:
+// the main kernel reads none for them).  Which views have contrast is only
+// known on the device, so the launch itself cannot be skipped without a host
+// sync, but a batch without contrast costs about one wave of blocks that each
+// test a few flags, not N x bands blocks.  Every item is summed by one block
+// in a fixed order, so the partials do not depend on the grid.
 template <typename in_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocks) contrast_kernel(Args a, const in_t* __restrict__ src) {
-  const int64_t n = blockIdx.x;
-  if (!(a.jitter[n] && a.con[n] != 1.0f)) return;  // = plan.contrast, block-uniform
-  const int band = blockIdx.y;
-  const View<in_t> v = load_view(a, src, n);
+__global__ void __launch_bounds__(kThreads, kMinBlocks) contrast_kernel(Args a, const in_t* __restrict__ src,
+                                                                        int64_t items) {
   SSLOPS_SHARED(float, warp_sums, [kThreads / 32]);
-  float acc = 0.0f;
-  const int y0 = band * kBandRows;
-  const int rows = min(kBandRows, a.S - y0);
-  for (int i = threadIdx.x; i < rows * a.S; i += blockDim.x) {
-    const int y = y0 + i / a.S, x = i % a.S;
-    float r, g, b;
-    resample_pixel(a, v, y, x, r, g, b);
-    apply_ops(v.plan.pre, v.plan.n_pre, r, g, b, v.bri, v.sat, v.hue);
-    acc += gray(r, g, b);
+  for (int64_t w = blockIdx.x; w < items; w += gridDim.x) {
+    const int64_t n = w / a.bands;
+    if (!(a.jitter[n] && a.con[n] != 1.0f)) continue;  // = plan.contrast, block-uniform
+    const int band = static_cast<int>(w % a.bands);
+    const View<in_t> v = load_view(a, src, n);
+    float acc = 0.0f;
+    const int y0 = band * kBandRows;
+    const int rows = min(kBandRows, a.S - y0);
+    for (int i = threadIdx.x; i < rows * a.S; i += blockDim.x) {
+      const int y = y0 + i / a.S, x = i % a.S;
+      float r, g, b;
+      resample_pixel(a, v, y, x, r, g, b);
+      apply_ops(v.plan.pre, v.plan.n_pre, r, g, b, v.bri, v.sat, v.hue);
+      acc += gray(r, g, b);
+    }
+    // Block reduction in a fixed order.
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float total = 0.0f;
+      for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k];
+      a.partial[n * a.bands + band] = total;
+    }
+    __syncthreads();  // warp_sums is rewritten by the next item
   }
-  // Block reduction in a fixed order.
-  for (int off = 16; off > 0; off >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, off);
-  if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    a.partial[n * a.bands + band] = total;
-  }
+}
+
+// Blocks of contrast_kernel: one wave of resident blocks (kMinBlocks per SM),
+// fewer for small batches.
+int64_t contrast_blocks(int64_t items) {
+  const int64_t wave = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * kMinBlocks;
+  return std::max<int64_t>(1, std::min(items, wave));
 }
 
 // ---- 3. the views ----
@@ -344,7 +360,9 @@ void launch(const Args& a, int64_t N, const at::Tensor& images, at::Tensor& out,
   out_t* dst = out.data_ptr<out_t>();
   SSLOPS_LAUNCH(prep_kernel, static_cast<unsigned>(N), kThreads, 0, stream, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  SSLOPS_LAUNCH(contrast_kernel<in_t>, dim3(static_cast<unsigned>(N), a.bands), kThreads, 0, stream, a, src);
+  const int64_t items = N * a.bands;
+  SSLOPS_LAUNCH(contrast_kernel<in_t>, static_cast<unsigned>(contrast_blocks(items)), kThreads, 0, stream, a, src,
+                items);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t smem = blur_smem_bytes(a.K);
   auto kernel = main_kernel<in_t, out_t>;

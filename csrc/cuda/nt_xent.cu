@@ -41,8 +41,9 @@
 // small kernel reduces the splits of each element in a fixed order (split 0,
 // 1, ...) and casts to the output dtype.  Within a block every sum runs in a
 // fixed order as well, so results are bitwise reproducible on a given GPU.
-// (The number of splits depends on the SM count: only 2 * SMs * occupancy /
-// (row blocks x slices) splits are used, to fill the GPU for small batches.)
+// (The number of splits depends on the SM count: 2 * SMs * occupancy /
+// (row blocks x slices) splits, at most one per tile, fill the GPU for small
+// batches; see choose_splits.)
 //
 // ---------------------------------------------------------------------------
 // Tiling and shared memory (128 threads = 4 warps per block)
@@ -89,6 +90,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -101,8 +103,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "common/checks.h"
 #include "common/nt_xent.h"
@@ -126,7 +130,6 @@ namespace wmma = ::nvcuda::wmma;
 constexpr int kThreads = 128;   // 4 warps per block
 constexpr int kBM = 64;         // owner rows per block
 constexpr int kBN = 64;         // streamed rows per tile (= logit-tile columns)
-constexpr int kMaxSplit = 16;   // max splits of the streamed range
 constexpr float kWScale = 16384.f;  // 2^14: scale of the fp16/bf16 weight tile
 
 enum Mode : int { kRows = 0, kCols = 1, kSym = 2 };
@@ -813,12 +816,47 @@ at::ScalarType acc_dtype(const at::Tensor& t) { return t.scalar_type() == at::kD
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
+// Resident blocks per SM of the tile kernel on the current device, after
+// opting in to its shared memory there.  Both are per-device facts, so they
+// are queried once per device (and again only if the device's properties
+// change, which only the emulator's device switch does) instead of on every
+// call; the cache is shared by all threads under a mutex.
 template <typename scalar_t, bool kBackward>
-void prepare_kernel(int* blocks_per_sm) {
-  auto kernel = nt_xent_tile_kernel<scalar_t, kBackward>;
-  const int smem = Geo<scalar_t>::kSmemBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks_per_sm, kernel, kThreads, smem));
+int tile_blocks_per_sm(const cudaDeviceProp& prop) {
+  struct Entry {
+    int sms = -1;
+    size_t smem_per_sm = 0;
+    int per_sm = 0;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;  // by device index
+  const int device = static_cast<int>(c10::cuda::current_device());
+  const std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() <= static_cast<size_t>(device)) cache.resize(device + 1);
+  Entry& e = cache[device];
+  if (e.sms != prop.multiProcessorCount || e.smem_per_sm != prop.sharedMemPerMultiprocessor) {
+    auto kernel = nt_xent_tile_kernel<scalar_t, kBackward>;
+    const int smem = Geo<scalar_t>::kSmemBytes;
+    int per_sm = 0;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+    e = Entry{prop.multiProcessorCount, prop.sharedMemPerMultiprocessor, std::max(per_sm, 1)};
+  }
+  return e.per_sm;
+}
+
+// Splits of the streamed range (of n_tiles tiles) for a grid of base = owner
+// blocks x slices blocks: enough for about two waves of resident blocks
+// (target = 2 x SMs x blocks per SM), at most one tile per split.  (No fixed
+// cap: the forward of 256 queries x 65536 negatives on an H100, 3 blocks per
+// SM, takes 171 splits of 6 tiles, 684 blocks, where a cap of 16 left 64.)
+// The workspace stays bounded: splits x rows x KC ~ target x 64 x KC elements.
+int choose_splits(int64_t base, int n_tiles, int sms, int per_sm, int* tiles_per_split) {
+  const int64_t target = 2 * int64_t(sms) * std::max(per_sm, 1);
+  int n_split = static_cast<int>(std::min<int64_t>((target + base - 1) / base, std::min(n_tiles, 65535)));
+  n_split = std::max(n_split, 1);
+  *tiles_per_split = (n_tiles + n_split - 1) / n_split;
+  return (n_tiles + *tiles_per_split - 1) / *tiles_per_split;  // no empty split
 }
 
 // Fills the shape fields of args and picks the split of the streamed range.
@@ -847,15 +885,9 @@ dim3 plan(TileArgs<scalar_t>& a, const at::Tensor& x, const at::Tensor& y, doubl
   const int64_t blocks = (a.nx + kBM - 1) / kBM;
   const int slices = kBackward ? a.n_chunks : 1;
   TORCH_CHECK(slices <= 65535, "sslops::nt_xent (CUDA): D = ", a.d, " is too large");
-  int per_sm = 0;
-  prepare_kernel<scalar_t, kBackward>(&per_sm);
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t target = 2 * int64_t(sms) * std::max(per_sm, 1);  // ~2 waves of resident blocks
-  const int64_t base = blocks * slices;
-  int n_split = static_cast<int>(std::min<int64_t>((target + base - 1) / base, std::min(a.n_tiles, kMaxSplit)));
-  n_split = std::max(n_split, 1);
-  a.tiles_per_split = (a.n_tiles + n_split - 1) / n_split;
-  n_split = (a.n_tiles + a.tiles_per_split - 1) / a.tiles_per_split;  // no empty split
+  const cudaDeviceProp& prop = *at::cuda::getCurrentDeviceProperties();
+  const int per_sm = tile_blocks_per_sm<scalar_t, kBackward>(prop);
+  const int n_split = choose_splits(blocks * slices, a.n_tiles, prop.multiProcessorCount, per_sm, &a.tiles_per_split);
   return dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(slices), static_cast<unsigned>(n_split));
 }
 

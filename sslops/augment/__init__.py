@@ -32,7 +32,8 @@ intermediate:
 2. ``contrast_mean`` (only views whose jitter has a contrast factor != 1):
    contrast blends with the mean gray value of the image *after the jitter ops
    that precede contrast in that view's order*.  Instead of materialising that
-   intermediate image, each block recomputes its rows of it on the fly
+   intermediate image, one wave of persistent blocks walks the (view, row
+   band) items, skipping views without contrast, and recomputes each band on the fly
    (resample from the uint8 source, which stays in L2, then the preceding
    point-wise ops) and reduces gray(r, g, b) to one partial sum per
    (view, row band) in global memory; the main kernel adds the partials of its
