@@ -53,6 +53,13 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
 
     if not os.path.isfile(path):
         raise BetonError(f"--data {path}: no such file")
+    if indices is not None:
+        # float indices (np.arange(reader.num_samples) is float64: num_samples is a uint64) kill
+        # ffcv's numba decoder thread and the main thread then waits forever: refuse them
+        arr = np.asarray(indices)
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise ValueError(f"indices must be a 1-d sequence of integers, got shape {arr.shape} dtype {arr.dtype}")
+        indices = arr.astype(np.int64)
     try:
         return Loader(path, batch_size=batch_size, num_workers=num_workers,
                       order=OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL,
