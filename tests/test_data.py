@@ -242,3 +242,31 @@ def test_module_entry_point_subprocess(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sslops-data: error: SRC") and "nope" in lines[0], r.stderr
+
+
+def test_mixed_size_imagefolder_trains_and_evaluates(tmp_path):
+    """An ImageFolder of mixed sizes (as ImageNet): converted, then read by the trainer's loaders."""
+    from PIL import Image
+
+    from sslops.data.loader import constant_image_size, eval_batches
+    from sslops.train import cli
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "folder"
+    for c in range(2):
+        (src / f"class{c}").mkdir(parents=True)
+        for i in range(40):
+            h, w = int(rng.integers(30, 60)), int(rng.integers(30, 60))
+            Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"class{c}" / f"{i}.png")
+    out = str(tmp_path / "mixed.beton")
+    from sslops.data import write_imagefolder
+
+    write_imagefolder(str(src), out, jpeg_quality=90, num_workers=1)
+    assert constant_image_size(out) is None
+    images, labels = next(iter(eval_batches(out, np.arange(80), 80, num_workers=1, decode_size=24)))
+    assert images.shape == (80, 3, 24, 24) and sorted(set(labels.tolist())) == [0, 1]
+    with pytest.raises(ValueError, match="mixed sizes"):
+        next(iter(eval_batches(out, np.arange(80), 80, num_workers=1)))
+    run = tmp_path / "run"
+    assert cli.main(["--data", out, "--out", str(run), "--epochs", "1", "--batch-size", "16", "--size", "32",
+                     "--threads", "1", "--num-workers", "1", "--no-progress", "--no-plot"]) == 0

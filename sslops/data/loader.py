@@ -32,23 +32,43 @@ class BetonError(ValueError):
     """A missing, unreadable or wrongly shaped .beton file."""
 
 
-def _pipelines(device):
+def constant_image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(H, W) when every image of the .beton has that size, else None (mixed sizes, e.g. ImageNet)."""
+    with keep_torch_threads():
+        from ffcv.reader import Reader
+
+    try:
+        reader = Reader(path)
+        field = "f" + str(list(reader.handlers.keys()).index("image"))
+        meta = reader.metadata[field]
+        h, w = np.unique(meta["height"]), np.unique(meta["width"])
+    except Exception as e:
+        raise BetonError(f"--data {path}: not a readable .beton with an 'image' field ({type(e).__name__})") from None
+    return (int(h[0]), int(w[0])) if len(h) == 1 and len(w) == 1 else None
+
+
+def _pipelines(device, decode_size=None):
     from ffcv.fields.basics import IntDecoder
-    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
     device = torch.device(device)
-    return {"image": [SimpleRGBImageDecoder(), ToTensor(), ToDevice(device, non_blocking=True),
+    # mixed sizes: the central square of each image, resized to decode_size (the views crop from it)
+    decoder = SimpleRGBImageDecoder() if decode_size is None else CenterCropRGBImageDecoder(
+        (decode_size, decode_size), ratio=1.0)
+    return {"image": [decoder, ToTensor(), ToDevice(device, non_blocking=True),
                       ToTorchImage(channels_last=True)],
             "label": [IntDecoder(), ToTensor(), Squeeze(), ToDevice(device, non_blocking=True)]}
 
 
-def _open(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed=False):
+def _open(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed=False,
+          decode_size=None):
     with keep_torch_threads():
-        return _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed)
+        return _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed,
+                            decode_size)
 
 
-def _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed):
+def _open_loader(path, batch_size, num_workers, order, seed, indices, device, drop_last, distributed, decode_size):
     from ffcv.loader import Loader, OrderOption
 
     if not os.path.isfile(path):
@@ -64,12 +84,23 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
         return Loader(path, batch_size=batch_size, num_workers=num_workers,
                       order=OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL,
                       seed=seed, indices=indices, drop_last=drop_last, distributed=distributed,
-                      pipelines=_pipelines(device), batches_ahead=2)
+                      pipelines=_pipelines(device, _decode_size(path, decode_size)), batches_ahead=2)
     except BetonError:
         raise
     except Exception as e:  # ffcv raises assorted errors on a bad header or missing fields
         raise BetonError(f"--data {path}: not a readable .beton with 'image' and 'label' fields "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _decode_size(path, decode_size):
+    """None (decode as stored) for constant-size images unless ``decode_size`` asks otherwise."""
+    if decode_size is not None:
+        if isinstance(decode_size, bool) or not isinstance(decode_size, int) or decode_size < 1:
+            raise ValueError(f"decode_size must be a positive int, got {decode_size!r}")
+        return decode_size
+    if constant_image_size(path) is None:
+        raise BetonError(f"--data {path}: images of mixed sizes need a decode_size (center square resized to it)")
+    return None
 
 
 def beton_length(path: str) -> int:
@@ -121,12 +152,13 @@ class ViewLoader:
     """
 
     def __init__(self, path: str, batch_size: int, views, *, num_workers: int, seed: int,
-                 indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False):
+                 indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False,
+                 decode_size: Optional[int] = None):
         self.views, self.seed, self.device = views, int(seed), torch.device(device)
         self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed \
             else (0, 1)
         self.loader = _open(path, batch_size, num_workers, "random", self.seed, indices, device,
-                            drop_last=True, distributed=distributed)
+                            drop_last=True, distributed=distributed, decode_size=decode_size)
         if len(self.loader) == 0:
             raise BetonError(f"--data {path}: fewer samples than one batch of {batch_size}")
 
@@ -144,9 +176,13 @@ class ViewLoader:
             yield step, (images, self.views(images), labels)
 
 
-def eval_batches(path: str, indices, batch_size: int, *, num_workers: int, device="cpu"):
-    """The un-augmented images (uint8, B x 3 x H x W) and labels of ``indices``, in order."""
-    loader = _open(path, batch_size, num_workers, "sequential", 0, indices, device, drop_last=False)
+def eval_batches(path: str, indices, batch_size: int, *, num_workers: int, device="cpu",
+                 decode_size: Optional[int] = None):
+    """The un-augmented images (uint8, B x 3 x H x W) and labels of ``indices``, in order.
+
+    ``decode_size``: decode the central square resized to this size (needed for mixed sizes)."""
+    loader = _open(path, batch_size, num_workers, "sequential", 0, indices, device, drop_last=False,
+                   decode_size=decode_size)
     with keep_torch_threads():
         batches = iter(loader)
     for images, labels in batches:

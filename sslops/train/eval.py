@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     p.add_argument("--epochs", type=int, default=100, help="linear: epochs over the cached features")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--size", type=int, default=None, help="decode each image's central square resized to this "
+                   "size (needed when the .beton's images have mixed sizes, e.g. 224 for ImageNet)")
     p.add_argument("--lr", type=float, default=0.1, help="linear: peak SGD learning rate")
     p.add_argument("--weight-decay", type=float, default=0.0, help="linear")
     p.add_argument("--k", type=int, default=20, help="knn: neighbours")
@@ -208,7 +210,8 @@ def evaluate(cfg) -> dict:
         train_idx, val_idx, val_path = np.arange(n), np.arange(beton_length(cfg.val_data)), cfg.val_data
 
     def batches(path, idx):
-        return eval_batches(path, idx, cfg.batch_size, num_workers=cfg.num_workers, device=device)
+        return eval_batches(path, idx, cfg.batch_size, num_workers=cfg.num_workers, device=device,
+                            decode_size=cfg.size)
 
     result = {"mode": cfg.mode, "arch": cfg.arch, "checkpoint": cfg.checkpoint, "data": cfg.data,
               "val_data": cfg.val_data, "n_train": int(len(train_idx)), "n_val": int(len(val_idx))}

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from sslops import SSLViews
 from sslops.augment import Recipe
-from sslops.data.loader import ViewLoader, beton_length, eval_batches, split_indices, step_generator
+from sslops.data.loader import (ViewLoader, beton_length, constant_image_size, eval_batches, split_indices,
+                                step_generator)
 
 from . import knn, methods, optim
 
@@ -106,8 +107,10 @@ def _knn_eval(backbone, data, train_idx, val_idx, cfg, device):
     if rank_world()[0] == 0:
         bs = 512
         with _autocast(cfg, device):
-            tr = knn.features(backbone, eval_batches(data, train_idx, bs, num_workers=cfg.num_workers, device=device))
-            va = knn.features(backbone, eval_batches(data, val_idx, bs, num_workers=cfg.num_workers, device=device))
+            tr = knn.features(backbone, eval_batches(data, train_idx, bs, num_workers=cfg.num_workers, device=device,
+                                                        decode_size=cfg.eval_decode))
+            va = knn.features(backbone, eval_batches(data, val_idx, bs, num_workers=cfg.num_workers, device=device,
+                                                        decode_size=cfg.eval_decode))
         value = knn.knn_top1(*tr, *va)
     _barrier()
     return value
@@ -141,8 +144,10 @@ def train(cfg: SimpleNamespace) -> dict:
         views = SSLViews(Recipe(scale=(cfg.crop_min, 1.0)), size=cfg.size, views=2, validate=False)
     else:  # MAE: crop and flip only (He et al. 2022)
         views = SSLViews(MAE_RECIPE, size=cfg.size, views=1, validate=False)
+    mixed = constant_image_size(cfg.data) is None  # e.g. ImageNet: decode the central square, then crop views
+    cfg.train_decode, cfg.eval_decode = (round(cfg.size * 8 / 7), cfg.size) if mixed else (None, None)
     loader = ViewLoader(cfg.data, cfg.batch_size, views, num_workers=cfg.num_workers, seed=cfg.seed,
-                        indices=train_idx, device=device, distributed=world > 1)
+                        indices=train_idx, device=device, distributed=world > 1, decode_size=cfg.train_decode)
     steps_per_epoch = len(loader)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = min(total_steps, round(cfg.warmup_epochs * steps_per_epoch))
@@ -238,7 +243,7 @@ def train(cfg: SimpleNamespace) -> dict:
                 from .mae import plot_reconstructions
 
                 images = next(iter(eval_batches(cfg.data, val_idx[:8], 8, num_workers=cfg.num_workers,
-                                                device=device)))[0]
+                                                device=device, decode_size=cfg.eval_decode)))[0]
                 x = knn.normalise(images)
                 masked, recon = core.reconstruct(x, step_generator(cfg.seed, cfg.epochs, 0, device, stream=1))
                 plot_reconstructions(x, masked, recon, os.path.join(out, "reconstructions.png"))
