@@ -22,8 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def beton(tmp_path_factory):
     images, labels = embedded_dataset()
+    pick = np.random.default_rng(0).permutation(len(images))[:320]  # mnist_5k is sorted by class: mix them
+    assert len(set(labels[pick].tolist())) == 10
     path = str(tmp_path_factory.mktemp("data") / "small.beton")
-    return write_beton(path, images[:320], labels[:320])
+    return write_beton(path, images[pick], labels[pick])
 
 
 @pytest.fixture(autouse=True)
