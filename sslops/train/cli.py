@@ -48,6 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_device(device: str, error=ValueError) -> None:
+    """--device is cpu, or cuda[:i] with CUDA available (shared by sslops-train and sslops-eval)."""
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise error(f"--device {device}: CUDA is not available")
+    elif device != "cpu":
+        raise error(f"--device must be cpu or cuda[:i], got {device!r}")
+
+
 DEFAULTS = {"simclr": {"arch": "tiny", "optimizer": "lars", "lr": 1.0, "weight_decay": 1e-5},
             "mae": {"arch": "vit-micro", "optimizer": "adamw", "lr": 1.5e-3, "weight_decay": 0.05}}
 
@@ -82,13 +93,7 @@ def _check(cfg) -> None:
         raise ValueError(f"--out {cfg.out} already holds a run (checkpoint.pt): pass --resume or choose another --out")
     if cfg.data is not None and not os.path.isfile(cfg.data):
         raise ValueError(f"--data {cfg.data}: no such file")
-    if cfg.device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available")
-    elif cfg.device != "cpu":
-        raise ValueError(f"--device must be cpu or cuda[:i], got {cfg.device!r}")
+    check_device(cfg.device)
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ValueError(f"--precision must be auto, fp32, bf16 or fp16, got {cfg.precision!r}")
     if cfg.precision == "auto":

@@ -81,21 +81,20 @@ def _check(cfg) -> None:
         path = getattr(cfg, name)
         if path is not None and not os.path.isfile(path):
             raise EvalError(f"--{name.replace('_', '-')} {path}: no such file")
-    if cfg.device.startswith("cuda"):
-        import torch
+    from .cli import check_device
 
-        if not torch.cuda.is_available():
-            raise EvalError(f"--device {cfg.device}: CUDA is not available")
-    elif cfg.device != "cpu":
-        raise EvalError(f"--device must be cpu or cuda[:i], got {cfg.device!r}")
+    check_device(cfg.device, EvalError)
 
 
 def _which_arch(state):
     """The arch whose backbone has exactly ``state``'s keys and shapes, or None."""
+    import torch
+
     from . import methods
 
     for arch in methods.ARCHS:
-        ref = methods.make_backbone(arch).state_dict()
+        with torch.device("meta"):  # shapes only: no memory, no init
+            ref = methods.make_backbone(arch).state_dict()
         if ref.keys() == state.keys() and all(tuple(ref[k].shape) == tuple(state[k].shape) for k in ref):
             return arch
     return None
