@@ -89,3 +89,40 @@ def gather_rows_with_grad(x: torch.Tensor, name: str) -> tuple[torch.Tensor, lis
     padded = torch.cat([x, x.new_zeros(top - x.shape[0], x.shape[1])]) if x.shape[0] < top else x
     parts = gather_with_grad(padded).split(top)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sizes
+
+
+def all_gather_ints(values, device) -> list[list[int]]:
+    """Every rank's list of a few ints (no autograd): ``out[r]`` is rank r's ``values``.
+
+    Every rank passes as many values; ``device`` is where the collective runs
+    (the inputs' device: a CUDA device under nccl).  Used to agree on shapes
+    and flags before a gather, so that every rank can raise the same error.
+    """
+    _, world = rank_and_world()
+    mine = torch.tensor([int(v) for v in values], dtype=torch.long, device=device)
+    parts = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(parts, mine)
+    return [p.tolist() for p in parts]
+
+
+def gather_uneven_with_grad(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """all_gather along dim 0 of tensors of any trailing shape, rank r holding
+    ``sizes[r]`` rows (0 included); every rank passes the same ``sizes`` (from
+    :func:`all_gather_ints`) and the same trailing shape and dtype.
+
+    Pads this rank's rows to the largest size, gathers them with
+    :func:`gather_with_grad` (differentiable, the backward sums every rank's
+    gradient and keeps this rank's rows) and strips the padding: returns the
+    (sum sizes, ...) concatenation in rank order.  Integer tensors (labels)
+    gather the same way, without autograd.
+    """
+    rank, _ = rank_and_world()
+    if x.shape[0] != sizes[rank]:
+        raise ValueError(f"gather_uneven_with_grad: this rank ({rank}) holds {x.shape[0]} rows, sizes says {sizes[rank]}")
+    top = max(sizes)
+    if len(set(sizes)) == 1:
+        return gather_with_grad(x)
+    if x.shape[0] < top:
+        x = torch.cat([x, x.new_zeros((top - x.shape[0], *x.shape[1:]))])
+    parts = gather_with_grad(x).split(top)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])

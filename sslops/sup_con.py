@@ -30,6 +30,14 @@ No backend but ``reference`` builds the (N, N) logits:
   column, the online lse over the positives, and the sum and count of the
   positive logits; the backward recomputes the tiles from the saved per-row
   statistics.
+
+``gather_distributed=True`` (see :func:`_sup_con_gathered`): the anchors are
+this rank's rows, the candidates every rank's rows (a differentiable gather
+of the (B_r, V, D) features, B_r may differ between ranks, 0 included).  Every
+backend then computes lse_i with the asymmetric ``nt_xent_lse`` (q = own rows,
+c = all rows, each anchor's own column left out), psum_i from the class sums
+over all rows, and lpos_i within the sample (labels=None: its views are all on
+its rank) or from class blocks of the gathered rows (labels).
 """
 from __future__ import annotations
 
@@ -40,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import _backend, _checks, reference
+from ._distributed import all_gather_ints, gather_uneven_with_grad, rank_and_world
 from .nt_xent import REDUCTIONS, _lse, _lse_sym, _normalize
 
 # The Triton kernels keep fp32 state and take fp32 / fp16 inputs (tl.dot in
@@ -223,6 +232,169 @@ def _class_lse(z: Tensor, labels: Optional[Tensor], ids: Tensor, B: int, V: int,
 
 
 # ----------------------------------------------------------------------------
+# gather_distributed=True: this rank's anchors against every rank's rows
+# ----------------------------------------------------------------------------
+_DTYPE_CODES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_ranks(features: Tensor, labels: Optional[Tensor]) -> list[int]:
+    """Agree on the shapes before the gather (one all_gather of a few ints): every
+    rank raises the same ValueError (or TypeError) when B is 0 everywhere, when
+    V, D, the dtype or the presence of labels differ between ranks, or when one
+    rank's labels are invalid, so that no rank waits for the others.  Returns
+    the ranks' batch sizes B_r."""
+    rank, world = rank_and_world()
+    B, V, D = features.shape
+    mine = None
+    if labels is not None:
+        try:
+            _check_labels(labels, B, V, features)
+        except (TypeError, ValueError) as e:
+            mine = e
+    code = _DTYPE_CODES.index(features.dtype) if features.dtype in _DTYPE_CODES else len(_DTYPE_CODES)
+    meta = all_gather_ints([B, V, D, labels is not None, mine is not None, code], features.device)
+    sizes, views, widths, given, bad, codes = (list(c) for c in zip(*meta))
+    where = f"on ranks 0..{world - 1} (this is rank {rank}) for gather_distributed=True"
+    if mine is not None:
+        raise mine
+    if any(bad):
+        raise ValueError(f"labels is invalid on rank(s) {[r for r, b in enumerate(bad) if b]} (see the error "
+                         f"raised there), so every rank stops {where}")
+    if len(set(given)) != 1:
+        raise ValueError(f"labels must be given on every rank or on none {where}: labels is a tensor on rank(s) "
+                         f"{[r for r, g in enumerate(given) if g]} and None on rank(s) "
+                         f"{[r for r, g in enumerate(given) if not g]}")
+    if len(set(views)) != 1:
+        raise ValueError(f"features must have the same number of views V on every rank, got V = {views} {where}")
+    if len(set(widths)) != 1:
+        raise ValueError(f"features must have the same width D on every rank, got D = {widths} {where}")
+    if len(set(codes)) != 1:
+        raise TypeError(f"features must have the same dtype on every rank {where}; this rank has {features.dtype}")
+    if V == 0 or sum(sizes) == 0:
+        raise ValueError(f"features has no anchors on any rank: B = {sizes}, V = {V} {where}; "
+                         f"B must be >= 1 on at least one rank and V >= 1")
+    if D == 0:
+        raise ValueError("features has width D = 0: D must be >= 1")
+    _check_labels(labels, B, V, features)  # labels=None and V = 1: the same error on every rank
+    return sizes
+
+
+def _class_lse_gathered(q: Tensor, q_ids: Tensor, q_col: Tensor, c: Tensor, c_ids: Tensor, k: int,
+                        inv_temp: float, backend: str) -> Tensor:
+    """lpos_i = log sum_{j != q_col[i], c_ids[j] = q_ids[i]} exp(<q_i, c_j> inv_temp) for this
+    rank's anchors q (M, D) against every rank's rows c (N, D) (q_col[i]: row i's own index in c;
+    dense class ids in [0, k)); (M,), -inf without a positive.  Eager mode groups the rows by
+    class: classes of <= 64 rows in c as batched (classes, m, n) logits, larger ones through
+    ``nt_xent_lse`` on the class's rows; under torch.compile the masked (M, N) logits."""
+    qa, ca = reference._acc(q), reference._acc(c)
+    m, n = q.shape[0], c.shape[0]
+    if torch.compiler.is_compiling():
+        cols = torch.arange(n, device=c.device)
+        pos = (q_ids[:, None] == c_ids[None, :]) & (cols[None, :] != q_col[:, None])
+        x = ((qa @ ca.mT) * inv_temp).masked_fill(~pos, float("-inf"))
+        return torch.logsumexp(x, 1)
+    c_order = torch.argsort(c_ids, stable=True)
+    q_order = torch.argsort(q_ids, stable=True)
+    c_count = torch.bincount(c_ids, minlength=k)
+    c_first = c_count.cumsum(0) - c_count
+    c_place = torch.empty_like(c_order).scatter_(0, c_order, torch.arange(n, device=c.device))
+    q_sid = q_ids[q_order]
+    skip = c_place[q_col[q_order]] - c_first[q_sid]  # each sorted anchor's own index in its class block
+    c_sizes, q_sizes = c_count.tolist(), torch.bincount(q_ids, minlength=k).tolist()
+    c_starts, q_starts = [0] * k, [0] * k
+    for i in range(1, k):
+        c_starts[i] = c_starts[i - 1] + c_sizes[i - 1]
+        q_starts[i] = q_starts[i - 1] + q_sizes[i - 1]
+    qs, cs = qa[q_order], ca[c_order]
+    by_shape: dict = {}
+    for i in range(k):
+        if q_sizes[i] > 0 and c_sizes[i] > 1:  # a class of one row has no positive: -inf
+            by_shape.setdefault((q_sizes[i], c_sizes[i]), []).append(i)
+    parts, where = [], []
+    for (qm, cn), classes in sorted(by_shape.items()):
+        if cn <= _BATCHED_CLASS_ROWS:
+            qi = torch.tensor([q_starts[i] for i in classes], device=q.device)[:, None] + torch.arange(qm, device=q.device)
+            ci = torch.tensor([c_starts[i] for i in classes], device=c.device)[:, None] + torch.arange(cn, device=c.device)
+            x = (qs[qi] @ cs[ci].mT) * inv_temp  # (classes, qm, cn)
+            x = x.masked_fill(torch.arange(cn, device=c.device) == skip[qi][..., None], float("-inf"))
+            parts.append(torch.logsumexp(x, -1).reshape(-1))
+            where.append(qi.reshape(-1))
+        else:
+            local = torch.arange(qm, device=q.device)
+            for i in classes:
+                rows = local + q_starts[i]
+                blk_q = q[q_order[q_starts[i]:q_starts[i] + qm]]
+                blk_c = c[c_order[c_starts[i]:c_starts[i] + cn]]
+                parts.append(_lse(blk_q, blk_c, skip[rows], inv_temp, backend).to(qa.dtype))
+                where.append(rows)
+    out_sorted = qa.new_full((m,), float("-inf"))
+    if parts:
+        out_sorted = out_sorted.index_put((torch.cat(where),), torch.cat(parts))
+    return out_sorted[torch.argsort(q_order)]
+
+
+def _sup_con_gathered(features: Tensor, labels: Optional[Tensor], sizes: list[int], T: float, base: float,
+                      positives: str, normalize: bool, reduction: str, be: str) -> Tensor:
+    """sup_con(gather_distributed=True) on a world of > 1 ranks, rank r holding sizes[r] samples.
+
+    The global batch is the concatenation of the ranks' features in rank order
+    (sample b of rank r is global sample sum(sizes[:r]) + b, so labels=None keeps
+    each sample's identity); this rank's anchors are its own B_r V rows, their
+    candidates every other row of the global batch.  reduction="mean" divides
+    this rank's sum by H / world, H the number of anchors with a positive in the
+    global batch: the mean over ranks, and the DDP-averaged gradients, are those
+    of one process on the concatenated batch."""
+    rank, world = rank_and_world()
+    out_dtype = features.dtype
+    inv_temp = 1.0 / T
+    B, V, D = features.shape
+    total, offset = sum(sizes), sum(sizes[:rank])
+    f = features
+    if normalize:
+        f = _normalize(f.reshape(B * V, D)).reshape(B, V, D)
+    f_all = gather_uneven_with_grad(f.contiguous(), sizes)  # (total, V, D), differentiable
+    z = f.transpose(0, 1).reshape(B * V, D)  # own rows, view-major
+    z_all = f_all.transpose(0, 1).reshape(total * V, D)  # every rank's rows, view-major
+    dev = features.device
+    # own row v * B + b is row v * total + offset + b of z_all: left out of its own lse
+    col = (torch.arange(V, device=dev)[:, None] * total + offset + torch.arange(B, device=dev)).reshape(-1)
+    lse = _lse(z, z_all, col, inv_temp, be)  # keeps z_all in the graph on a rank with B = 0
+    if labels is None:  # the positives (the sample's other views) are all on this rank
+        ids = torch.arange(B, device=dev)
+        psum, cnt = _class_stats(z, ids, B, V, inv_temp)
+        lpos = None if positives == "out" else _class_lse(z, None, ids, B, V, inv_temp, be)
+        n_pos = total * V  # V >= 2: every anchor has a positive
+    else:
+        ids_all = _dense_ids(gather_uneven_with_grad(labels.long(), sizes), total, dev)
+        ids = ids_all[offset:offset + B]
+        za, ca = reference._acc(z), reference._acc(z_all)
+        sums = ca.new_zeros(total, D).index_add(0, ids_all.repeat(V), ca)  # S_y over every rank's rows
+        size = torch.zeros(total, dtype=ca.dtype, device=dev).index_add(
+            0, ids_all, torch.ones_like(ids_all, dtype=ca.dtype))
+        rows = ids.repeat(V)
+        psum = ((za * sums[rows]).sum(1) - (za * za).sum(1)) * inv_temp
+        cnt = size[rows] * V - 1
+        lpos = None if positives == "out" else _class_lse_gathered(
+            z, rows, col, z_all, ids_all.repeat(V), total, inv_temp, be)
+        n_pos = ((size * V > 1) * size * V).sum()
+    acc = reference._acc(z).dtype
+    lse = lse.to(acc)
+    has = cnt > 0
+    if positives == "out":
+        losses = lse - psum.to(acc) / cnt.to(acc).clamp_min(1)
+    else:
+        losses = lse - torch.where(has, lpos.to(acc), lse)
+    losses = torch.where(has, losses, torch.zeros_like(losses)) * (T / base)
+    if reduction == "mean":
+        out = losses.sum() / (torch.as_tensor(n_pos, dtype=acc, device=dev).clamp_min(1) / world)
+    elif reduction == "sum":
+        out = losses.sum()
+    else:
+        out = losses.reshape(V, B).t()
+    return out.to(out_dtype)
+
+
+# ----------------------------------------------------------------------------
 # Public API
 # ----------------------------------------------------------------------------
 def sup_con(
@@ -256,7 +428,25 @@ def sup_con(
             (its ``indexes`` are ``labels`` here).
         normalize: L2-normalise every embedding first (SupConLoss expects
             normalised features; solo-learn normalises).
-        gather_distributed: not implemented yet (raises NotImplementedError).
+        gather_distributed: with torch.distributed initialised (world > 1),
+            contrast this rank's anchors against every rank's rows: the
+            (B_r, V, D) features and the labels are all-gathered (gradients
+            flow back to the rank that owns each row).  Ranks may hold
+            different B_r, 0 included (the last batch of an epoch); V, D, the
+            dtype and whether labels are given must agree (else every rank
+            raises the same error).  The global batch is the ranks' features
+            concatenated in rank order, so labels=None still pairs each
+            sample's own views, and labels match across ranks.
+            reduction="mean": each rank returns the sum of its own anchors'
+            losses divided by H / world_size, H the number of anchors with a
+            positive in the global batch (B V for labels=None), as
+            :func:`nt_xent` does: with equal B_r and labels=None that is the
+            mean over its own anchors, and in every case the mean of the
+            ranks' losses and the DDP-averaged gradients equal one process on
+            the concatenated batch (a rank with B_r = 0 returns 0 and still
+            takes part in the backward's collectives).  "sum": the sum over
+            its own anchors; "none": (B_r, V).  Without an initialised process
+            group (or with one rank) this is the plain loss.
         reduction: "mean" | "sum" | "none" ((B, V) per-anchor losses, entry
             [b, v] for anchor features[b, v]).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
@@ -279,24 +469,27 @@ def sup_con(
     """
     _checks.tensor(features, "features", ndim=3, floating=True)
     B, V, D = features.shape
-    if B == 0 or V == 0:
-        raise ValueError(f"features has no anchors: shape {tuple(features.shape)}, B and V must be >= 1")
-    if D == 0:
-        raise ValueError("features has width D = 0: D must be >= 1")
     T = _checks.temperature(temperature)
     base = T if base_temperature is None else _checks.temperature(base_temperature, "base_temperature")
     _checks.choice(positives, "positives", POSITIVES)
     _checks.choice(reduction, "reduction", REDUCTIONS)
     if not isinstance(normalize, bool):
         raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    _check_labels(labels, B, V, features)
-    if gather_distributed:
-        raise NotImplementedError(
-            "sup_con(gather_distributed=True) is not implemented yet: gather the features (and labels) "
-            "across ranks yourself, or use sslops.nt_xent(gather_distributed=True) for two views without labels"
-        )
+    if not isinstance(gather_distributed, bool):
+        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+    world = rank_and_world()[1] if gather_distributed else 1
+    if world > 1:  # shapes and labels checked across ranks: every rank raises the same error
+        sizes = _check_ranks(features, labels)
+    else:
+        if B == 0 or V == 0:
+            raise ValueError(f"features has no anchors: shape {tuple(features.shape)}, B and V must be >= 1")
+        if D == 0:
+            raise ValueError("features has width D = 0: D must be >= 1")
+        _check_labels(labels, B, V, features)
     op = "sup_con" if positives == "out" else "sup_con_in"
     be = _backend.resolve(op, backend, features.device, features.dtype)
+    if world > 1:
+        return _sup_con_gathered(features, labels, sizes, T, base, positives, normalize, reduction, be)
     if be == "reference":
         return reference.sup_con(features, labels, T, base_temperature=base, positives=positives,
                                  normalize=normalize, reduction=reduction)
@@ -339,10 +532,10 @@ class SupConLoss(torch.nn.Module):
     Same arguments as SupContrast's ``SupConLoss(temperature, base_temperature)``
     for contrast_mode="all", plus sslops' (its defaults are sup_con's: T = 0.1,
     base_temperature = T; pass temperature=0.07, base_temperature=0.07 for
-    SupContrast's)."""
+    SupContrast's).  gather_distributed: as in :func:`sup_con`."""
 
     def __init__(self, temperature: float = 0.1, base_temperature: Optional[float] = None, positives: str = "out",
-                 normalize: bool = True, backend: str = "auto"):
+                 normalize: bool = True, backend: str = "auto", gather_distributed: bool = False):
         super().__init__()
         self.temperature = _checks.temperature(temperature)
         self.base_temperature = (None if base_temperature is None
@@ -350,11 +543,16 @@ class SupConLoss(torch.nn.Module):
         self.positives = _checks.choice(positives, "positives", POSITIVES)
         self.normalize = normalize
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
+        if not isinstance(gather_distributed, bool):
+            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+        self.gather_distributed = gather_distributed
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return sup_con(features, labels, self.temperature, base_temperature=self.base_temperature,
-                       positives=self.positives, normalize=self.normalize, backend=self.backend)
+                       positives=self.positives, normalize=self.normalize,
+                       gather_distributed=self.gather_distributed, backend=self.backend)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, base_temperature={self.base_temperature}, "
-                f"positives={self.positives!r}, backend={self.backend!r}")
+                f"positives={self.positives!r}, gather_distributed={self.gather_distributed}, "
+                f"backend={self.backend!r}")
