@@ -27,9 +27,12 @@ from torch import Tensor
 from . import _backend, _checks, reference
 
 # Head dims the fused GPU kernels support (the CPU kernel and the reference
-# take any).  The CUDA entry is the contract for csrc/cuda/attention.cu.
+# take any).  csrc/cuda/attention.cu instantiates exactly CUDA_HEAD_DIMS.
 TRITON_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
 CUDA_HEAD_DIMS = (16, 32, 64, 80, 96, 128)
+# The CUDA kernel runs fp16/bf16 on tensor cores (mma.sync, fp32 accumulation);
+# float32 on a GPU runs on the Triton kernel (auto picks it), which computes fp32.
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 
 _backend.register_op(
     "attention",
@@ -37,9 +40,10 @@ _backend.register_op(
     triton=True,
     dtypes={
         "triton": (torch.float32, torch.float16, torch.bfloat16),
-        "cuda": (torch.float32, torch.float16, torch.bfloat16),
+        "cuda": CUDA_DTYPES,
+        "emu": CUDA_DTYPES,  # the same CUDA kernel under the CPU emulator (tests only)
     },
-    head_dims={"triton": TRITON_HEAD_DIMS, "cuda": CUDA_HEAD_DIMS},
+    head_dims={"triton": TRITON_HEAD_DIMS, "cuda": CUDA_HEAD_DIMS, "emu": CUDA_HEAD_DIMS},
 )
 
 
@@ -94,10 +98,10 @@ def _make_backward(bwd):
     return backward
 
 
-if _backend.compiled_available():
-    torch.library.register_autograd(
-        "sslops::attention_fwd", _make_backward(torch.ops.sslops.attention_bwd), setup_context=_setup
-    )
+@_backend.compiled_namespace_setup  # sslops, and sslops_emu (the CUDA emulator) when it loads
+def _register_autograd(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(f"{ns}::attention_fwd", _make_backward(ops.attention_bwd), setup_context=_setup)
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +247,7 @@ def _run(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, backend) -> Tensor:
     if backend == "cpu" and dtype in (torch.float16, torch.bfloat16):
         # the C++ CPU kernel computes float32; autograd casts the gradients back
         q, k, v = q.float(), k.float(), v.float()
-    out = torch.ops.sslops.attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)[0]
+    out = _backend.ops(backend).attention_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, causal)[0]
     return out.to(dtype)
 
 

@@ -573,8 +573,10 @@ def test_auto_picks_the_cpu_kernel_on_cpu():
 # ----------------------------------------------------------------------------------------
 # GPU (marked cuda): every GPU backend, tolerance 2x SDPA's same-dtype error vs fp32 math.
 # ----------------------------------------------------------------------------------------
-# (backend, device) pairs.  The CUDA-emulation backend (issue 10) adds its pair here.
+# (backend, device) pairs: the GPU backends, and csrc/cuda/attention.cu on the CPU under the
+# CUDA emulator (backend "emu", marked emu; fp16/bf16 on tensor cores, as on a GPU).
 GPU_CASES = [pytest.param(be, "cuda", marks=pytest.mark.cuda, id=f"{be}-cuda") for be in ("cuda", "triton")]
+EMU_CASE = pytest.param("emu", "cpu", marks=pytest.mark.emu, id="emu")
 
 
 def _gpu_backend_or_skip(backend, device, dtype, D):
@@ -628,7 +630,7 @@ def test_gpu_against_fp32_math(backend, device, dtype, causal, L, D):
         assert _max_err(a, r) <= 2 * _max_err(s, r) + floor, f"d{name}"
 
 
-@pytest.mark.parametrize("backend,device", GPU_CASES)
+@pytest.mark.parametrize("backend,device", GPU_CASES + [EMU_CASE])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_varlen_and_packed(backend, device, dtype):
     _gpu_backend_or_skip(backend, device, dtype, 64)
@@ -652,7 +654,7 @@ def test_gpu_varlen_and_packed(backend, device, dtype):
     assert got.is_contiguous() and _max_err(got, want) < 2e-2
 
 
-@pytest.mark.parametrize("backend,device", GPU_CASES)
+@pytest.mark.parametrize("backend,device", GPU_CASES + [EMU_CASE])
 def test_gpu_head_dim_refused(backend, device):
     _gpu_backend_or_skip(backend, device, torch.bfloat16, 64)
     q = torch.randn(1, 2, 5, 48, device=device, dtype=torch.bfloat16)
@@ -662,7 +664,7 @@ def test_gpu_head_dim_refused(backend, device):
     torch.testing.assert_close(sslops.attention(q, q, q), reference.attention(q, q, q), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("backend,device", GPU_CASES)
+@pytest.mark.parametrize("backend,device", GPU_CASES + [EMU_CASE])
 def test_gpu_backward_is_deterministic(backend, device):
     _gpu_backend_or_skip(backend, device, torch.bfloat16, 64)
     q, k, v = (torch.randn(4, 3, 257, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -672,6 +674,96 @@ def test_gpu_backward_is_deterministic(backend, device):
             for _ in range(2)]
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---- the CUDA kernel under the emulator: against float64 math on the same rounded inputs ----
+# Tolerances: fp16/bf16 operands, P and dS rounded to the input type before their products
+# (as every flash kernel does), fp32 accumulation.  Measured worst errors relative to the
+# magnitudes: 5.5e-4 (fp16), 5.6e-3 (bf16); a wrong fragment, mask or barrier gives O(1).
+EMU_TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+EMU_SHAPES = ([(L, L, (32, 64, 80, 128)[i % 4]) for i, L in enumerate(LS)]  # every issue length, D rotating
+              + [(197, 197, D) for D in (16, 32, 64, 80, 96, 128)]           # every head dim
+              + [(1, 17, 64), (17, 1, 32), (50, 197, 64), (197, 50, 80), (130, 320, 64)])  # Lq != Lk
+
+
+def _emu_check(fn, inputs, ref_fn, upstream, dtype, what):
+    inputs = [x.to(dtype) for x in inputs]  # the oracle sees the same rounded values, in float64
+    out, grads = _grads(fn, inputs, upstream.to(dtype), dtype)
+    ref_out, ref_grads = _oracle(ref_fn, inputs, upstream.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all(), what
+    tol = EMU_TOL[dtype]
+    for name, a, r in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
+        _close(a, r, f"{what} {name}", tol)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("lq,lk,D", EMU_SHAPES, ids=[f"{a}x{b}-{d}" for a, b, d in EMU_SHAPES])
+def test_emu_against_float64(lq, lk, D, causal, dtype):
+    from sslops import _emu
+
+    q, k, v = _qkv(1, 2, lq, lk, D, seed=lq * 1000 + lk + D)
+    up = torch.randn(1, 2, lq, D, generator=_gen(D), dtype=torch.float64)
+    launches = _emu.stats()["launches"]
+    _emu_check(_dense("emu", causal), (q, k, v), _math(causal), up, dtype, f"emu {lq}x{lk} D={D} causal={causal}")
+    assert _emu.stats()["launches"] >= launches + 4  # forward, delta, dq, dk/dv really ran emulated
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("device", ["h100", "a100"])
+def test_emu_strided_inputs_and_devices(device):
+    """Slices of a packed qkv (16-byte row pieces), an odd element offset (the
+    scalar load path), a (B, H) grid with B > 1, on both emulated GPUs."""
+    from sslops import _emu
+
+    g = _gen(5)
+    with _emu.emulated_device(device):
+        qkv = torch.randn(2, 129, 3, 3, 64, generator=g, dtype=torch.float64)
+        q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) views, not contiguous
+        up = torch.randn(2, 3, 129, 64, generator=g, dtype=torch.float64)
+        for causal in (False, True):
+            _emu_check(_dense("emu", causal), (q, k, v), _math(causal), up, torch.float16, "packed slices")
+        odd = torch.randn(1, 2, 70, 33, generator=g, dtype=torch.float64)[..., 1:]  # D = 32 at an odd offset
+        _emu_check(_dense("emu", False), (odd, odd, odd), _math(False), torch.randn(1, 2, 70, 32, generator=g,
+                   dtype=torch.float64), torch.bfloat16, "odd offset")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", list(VARLEN_CASES))
+def test_emu_varlen(causal, case):
+    lens_q, lens_k = VARLEN_CASES[case]
+    q, k, v, cu_q, cu_k, up = _varlen_case(lens_q, lens_k, D=32, seed=len(case))
+    ref = lambda a, b, c: reference.attention_varlen(a, b, c, cu_q, cu_k, None, causal)
+    _emu_check(lambda a, b, c: sslops.attention_varlen(a, b, c, cu_q, cu_k, causal=causal, backend="emu"),
+               (q, k, v), ref, up, torch.float16, f"emu varlen {case}")
+
+
+@pytest.mark.emu
+def test_emu_refuses_what_the_cuda_kernel_lacks():
+    q = torch.randn(1, 2, 5, 64)
+    with pytest.raises(ValueError, match="computes float16, bfloat16"):
+        sslops.attention(q, q, q, backend="emu")  # float32: the Triton kernel's job on a GPU
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        torch.ops.sslops_emu.attention_fwd(q, q, q, None, None, 0, 0, 0.125, False)
+    h = torch.randn(1, 2, 5, 24).half()
+    with pytest.raises(ValueError, match="head dims 16, 32, 64, 80, 96, 128"):
+        torch.ops.sslops_emu.attention_fwd(h, h, h, None, None, 0, 0, 0.125, False)
+    with pytest.raises(ValueError, match="same head dim"):
+        torch.ops.sslops_emu.attention_fwd(h, h[..., :16], h, None, None, 0, 0, 0.125, False)
+    cu = torch.tensor([0, 3, 2], dtype=torch.int32)
+    t = torch.randn(5, 2, 16).half()
+    with pytest.raises(ValueError, match="non-decreasing"):
+        torch.ops.sslops_emu.attention_fwd(t, t, t, cu, cu, 5, 5, 0.25, False)
+
+
+@pytest.mark.emu
+def test_emu_opcheck_and_compile():
+    q, k, v = (torch.randn(1, 2, 37, 32).half() for _ in range(3))
+    torch.library.opcheck(torch.ops.sslops_emu.attention_fwd.default, (q, k, v, None, None, 0, 0, 0.2, True))
+    fn = torch.compile(lambda a, b, c: sslops.attention(a, b, c, causal=True, backend="emu"), fullgraph=True)
+    torch.testing.assert_close(fn(q, k, v), sslops.attention(q, k, v, causal=True, backend="emu"), rtol=0, atol=0)
 
 
 def test_reference_varlen_masked_form_equals_loop():

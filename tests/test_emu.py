@@ -327,8 +327,18 @@ MUTATIONS = [
      "      copy_async_wait_all();\n      __syncthreads();  // (A)",
      "      __syncthreads();  // (A)",
      "tests/test_nt_xent.py", "test_gpu_backends_match_float64 and emu-h100-3x64"),
+    ("attention-remove-tile-barrier", "attention.cu",
+     "    __syncthreads();  // the previous tile's readers are done\n", "",
+     "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
+    ("attention-p-fragment-lanes", "attention.cu",
+     "  a[1] = pack<T>(c[2 * kk][2], c[2 * kk][3]);\n  a[2] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);",
+     "  a[1] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);\n  a[2] = pack<T>(c[2 * kk][2], c[2 * kk][3]);",
+     "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
 ]
 EXTRA_MUTATIONS = [
+    ("attention-causal-dkdv-start", "attention.cu",
+     "am::q_begin(j0, a.causal) / kStream * kStream", "(am::q_begin(j0, a.causal) + kStream) / kStream * kStream",
+     "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-causal-fp16"),
     ("nt_xent-remove-barrier-B", "nt_xent.cu",
      "    __syncthreads();  // (B) logit tile complete\n", "",
      "tests/test_nt_xent.py", "test_gpu_backends_match_float64 and emu-h100-3x64"),
