@@ -8,10 +8,19 @@ overrides the default target architectures (sm_80 and sm_90, plus PTX).
 
 Install with ``pip install --no-build-isolation -e .`` so that the extension is
 built against the torch that will run it.
+
+The compiled objects are kept in ``build/temp-py<X.Y>-torch<version>-cuda<0|1>``
+(one folder per Python, torch and CUDA setting; see ``build_temp_name``), not
+in the throwaway folder pip's editable install gives each build, so a later
+install (an extra: ``pip install --no-build-isolation -e ".[bench]"``) lets
+ninja skip the up-to-date objects and only relinks ``_C``.  ``--build-temp``
+still wins.
 """
 import glob
 import os
+import re
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -86,7 +95,56 @@ def _arch_tokens(arch_list: str) -> str:
     return ",".join(tokens)
 
 
-def extensions():
+def build_temp_name(python, torch_version, cuda):
+    """The folder under build/ that keeps the compiled objects of one
+    configuration, e.g. ``temp-py3.11-torch2.14.1_cu130-cuda1``.
+
+    ``python`` is (major, minor), ``torch_version`` torch.__version__ (its local
+    part, +cu130 or +cpu, names a different build), ``cuda`` whether the CUDA
+    kernels are built.  Objects from another Python, torch or SSLOPS_CUDA
+    setting live in another folder, so they are never mixed; within one
+    folder ninja rebuilds what a changed source, header or flag touches (a
+    second venv with the same versions shares the folder: its include paths
+    differ, so ninja recompiles, correctly).
+    """
+    if not isinstance(cuda, bool):
+        raise TypeError(f"cuda must be a bool, got {type(cuda).__name__}")
+    major, minor = python[:2]
+    torch_tag = re.sub(r"[^A-Za-z0-9.]", "_", str(torch_version))
+    if not torch_tag:
+        raise ValueError("torch_version must not be empty")
+    return f"temp-py{int(major)}.{int(minor)}-torch{torch_tag}-cuda{int(cuda)}"
+
+
+def build_ext_class(cuda):
+    """torch's BuildExtension (ninja) whose build_temp is build/<build_temp_name>
+    inside the checkout, unless --build-temp was given to build_ext or build.
+
+    pip's editable install (setuptools' editable_wheel, PEP 660) sets
+    build.build_temp to a fresh TemporaryDirectory on every install, which
+    build_ext inherits; ninja then finds no objects and recompiles everything.
+    build_lib stays where setuptools puts it (a temporary folder, then the .so
+    is copied next to the sources): the link always runs (seconds), which keeps
+    the .so in step with the objects.
+    """
+    import torch
+    from torch.utils.cpp_extension import BuildExtension
+
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class SslopsBuildExt(base):
+        def finalize_options(self):
+            dist = self.distribution
+            explicit = any("build_temp" in dist.get_option_dict(cmd) for cmd in ("build_ext", "build"))
+            super().finalize_options()
+            if not explicit:
+                name = build_temp_name(sys.version_info, torch.__version__, cuda)
+                self.build_temp = os.path.join(ROOT, "build", name)
+
+    return SslopsBuildExt
+
+
+def extensions(cuda):
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     rel = lambda pattern: sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
@@ -97,7 +155,7 @@ def extensions():
         extra_link_args=["-fopenmp"],
         py_limited_api=False,
     )
-    if _cuda_requested():
+    if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         kwargs["include_dirs"] += _cuda_include_dirs()
         nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "-DSSLOPS_WITH_CUDA=1"]
@@ -115,11 +173,10 @@ def extensions():
 
 def main():
     _ensure_cuda_home()  # before torch.utils.cpp_extension computes its CUDA_HOME
-    from torch.utils.cpp_extension import BuildExtension
-
+    cuda = _cuda_requested()
     setup(
-        ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        ext_modules=extensions(cuda),
+        cmdclass={"build_ext": build_ext_class(cuda)},
     )
 
 

@@ -32,3 +32,60 @@ def test_project_urls_authors_classifiers():
         known = None
     if known is not None:
         assert not set(classifiers) - known, f"not trove classifiers: {set(classifiers) - known}"
+
+
+def _setup_module():
+    """setup.py as a module, without running setup()."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_sslops_setup", os.path.join(ROOT, "setup.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_build_temp_name_one_folder_per_configuration():
+    name = _setup_module().build_temp_name
+    base = name((3, 11), "2.14.1+cu130", True)
+    assert base == "temp-py3.11-torch2.14.1_cu130-cuda1"
+    assert name((3, 11, 7, "final", 0), "2.14.1+cu130", True) == base  # sys.version_info works
+    others = [
+        name((3, 12), "2.14.1+cu130", True),
+        name((3, 11), "2.14.0+cu130", True),
+        name((3, 11), "2.14.1+cpu", True),
+        name((3, 11), "2.14.1", True),
+        name((3, 11), "2.14.1+cu130", False),
+    ]
+    assert len({base, *others}) == 1 + len(others), others  # never shared between configurations
+    for n in [base, *others]:
+        assert all(c.isalnum() or c in "._-" for c in n), n  # safe in a ninja file and a path
+    with pytest.raises(TypeError, match="cuda"):
+        name((3, 11), "2.14.1", 1)
+    with pytest.raises(ValueError, match="torch_version"):
+        name((3, 11), "", False)
+
+
+def test_build_ext_keeps_objects_in_the_checkout():
+    """pip's editable install hands build a fresh temporary build_temp each time;
+    build_ext must use build/<build_temp_name> instead, unless --build-temp is given."""
+    pytest.importorskip("torch")
+    import torch
+    from setuptools import Distribution
+
+    setup_py = _setup_module()
+    for cuda in (False, True):
+        cmdclass = {"build_ext": setup_py.build_ext_class(cuda)}
+        expected = os.path.join(ROOT, "build", setup_py.build_temp_name(sys.version_info, torch.__version__, cuda))
+
+        dist = Distribution({"name": "sslops", "cmdclass": cmdclass})
+        dist.get_command_obj("build").build_temp = "/tmp/tmpabc.build-temp"  # what editable_wheel does
+        cmd = dist.get_command_obj("build_ext")
+        cmd.ensure_finalized()
+        assert cmd.build_temp == expected
+
+        for given in ("build_ext", "build"):  # python setup.py build_ext --build-temp=... (or build ...)
+            dist = Distribution({"name": "sslops", "cmdclass": cmdclass})
+            dist.command_options[given] = {"build_temp": ("command line", "/tmp/mine")}
+            cmd = dist.get_command_obj("build_ext")
+            cmd.ensure_finalized()
+            assert cmd.build_temp == "/tmp/mine", given
