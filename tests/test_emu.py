@@ -328,7 +328,9 @@ MUTATIONS = [
      "      __syncthreads();  // (A)",
      "tests/test_nt_xent.py", "test_gpu_backends_match_float64 and emu-h100-3x64"),
     ("attention-remove-tile-barrier", "attention.cu",
-     "    __syncthreads();  // the previous tile's readers are done\n", "",
+     "    __syncthreads();  // tile it has landed; everybody is done with tile it - 1 (the other buffer)\n"
+     "    if (it + 1 < n_tiles) {  // prefetch",
+     "    if (it + 1 < n_tiles) {  // prefetch",
      "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
     ("attention-p-fragment-lanes", "attention.cu",
      "  a[1] = pack<T>(c[2 * kk][2], c[2 * kk][3]);\n  a[2] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);",
@@ -336,6 +338,10 @@ MUTATIONS = [
      "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
 ]
 EXTRA_MUTATIONS = [
+    ("attention-drop-cp-async-wait", "attention.cu",
+     "  ptx::cp_async_commit();\n  ptx::cp_async_wait_all();\n  __syncthreads();\n  uint32_t qa[G::kSteps][4], da",
+     "  ptx::cp_async_commit();\n  __syncthreads();\n  uint32_t qa[G::kSteps][4], da",
+     "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
     ("attention-causal-dkdv-start", "attention.cu",
      "am::q_begin(j0, a.causal) / kStream * kStream", "(am::q_begin(j0, a.causal) + kStream) / kStream * kStream",
      "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-causal-fp16"),

@@ -32,12 +32,14 @@
 // dS K, ...), so probabilities never leave registers.
 //
 // Shared memory (dynamic, rows of kD + 8 elements = 16-byte aligned rows):
-//   forward  Qs[64] | Ks[32] | Vs[32]
-//   backward own[64] x 2 (Q, dO or K, V) | streamed[32] x 2 | lse[32], delta[32] (fp32)
-// kD = 128: 34816 B forward, 52480 B backward (opt-in above 48 KB).
-// Owned rows are staged once and moved into register fragments; each streamed
-// tile is loaded after a barrier that ends the previous tile's reads and read
-// after a barrier that ends its writes.  Rows past the sequence end are zero
+//   forward  Qs[64] | Ks[32] Vs[32] x 2 buffers
+//   backward own[64] x 2 (Q, dO or K, V) | streamed[32] x 2 x 2 buffers | shift, delta [32] x 2 (fp32)
+// kD = 128: 52224 B forward, 70144 B backward (opt-in above 48 KB).
+// Owned rows are staged once and moved into register fragments (ldmatrix).
+// Streamed tiles are double-buffered: cp.async (16-byte pieces, zero-filled
+// past the end) fetches tile it + 1 while tile it is computed; one barrier
+// per tile, after this thread's wait for tile it, both publishes tile it and
+// ends every warp's reads of tile it - 1, whose buffer the prefetch reuses.  Rows past the sequence end are zero
 // filled; masked scores are -inf before the exponent (never arithmetic on a
 // masked value), rows past the end are never stored.
 #include <ATen/ATen.h>
@@ -105,12 +107,6 @@ __device__ __forceinline__ uint32_t pack(float lo, float hi) {
   return bits(from_float<T>(lo)) | (bits(from_float<T>(hi)) << 16);
 }
 
-// Two T already in memory, lo and hi from different rows.
-template <typename T>
-__device__ __forceinline__ uint32_t pack_mem(const T& lo, const T& hi) {
-  return bits(lo) | (bits(hi) << 16);
-}
-
 // d += A B  (m16n8k16, fp32 accumulators).
 template <typename T>
 __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
@@ -129,35 +125,36 @@ struct Geo {
   static constexpr int kSteps = kD / 16;  // k16 steps over the head dim
   static constexpr int kDT = kD / 8;      // n8 tiles over the head dim
   static constexpr int kRowBytes = LD * 2;
-  static constexpr int kFwdSmem = (kOwn + 2 * kStream) * kRowBytes;
-  static constexpr int kBwdSmem = (2 * kOwn + 2 * kStream) * kRowBytes + 2 * kStream * 4;
+  // owned rows, then two buffers of the two streamed tiles (double-buffered)
+  static constexpr int kFwdSmem = (kOwn + 4 * kStream) * kRowBytes;
+  static constexpr int kBwdSmem = (2 * kOwn + 4 * kStream) * kRowBytes + 4 * kStream * 4;
 };
 
-// A fragment of the 16 x 16 block at (r0, c0) of a row-major shared tile.
+// Fragments from shared tiles with ldmatrix (lane l names row l % 8 of 8x8
+// matrix l / 8; rows are 16-byte aligned: LD * 2 and the column offsets are
+// multiples of 16 bytes).
+// A fragment of the 16 x 16 block at (r0, c0) of a row-major shared tile:
+// matrices (rows +0, cols +0), (+8, +0), (+0, +8), (+8, +8) = a[0..3].
 template <int LD, typename T>
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int r0, int c0, int g, int t) {
-  const T* p0 = tile + (r0 + g) * LD + c0 + 2 * t;
-  const T* p1 = p0 + 8 * LD;
-  a[0] = *reinterpret_cast<const uint32_t*>(p0);
-  a[1] = *reinterpret_cast<const uint32_t*>(p1);
-  a[2] = *reinterpret_cast<const uint32_t*>(p0 + 8);
-  a[3] = *reinterpret_cast<const uint32_t*>(p1 + 8);
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const T* tile, int r0, int c0, int lane) {
+  const int m = lane / 8, r = lane % 8;
+  ptx::ldmatrix_x4(a[0], a[1], a[2], a[3], tile + (r0 + r + 8 * (m & 1)) * LD + c0 + 8 * (m >> 1));
 }
 
-// B fragment with B[k][n] = tile[n0 + n][k0 + k]  (B = X^T for X row-major: K in Q K^T).
+// B fragment with B[k][n] = tile[n0 + n][k0 + k]  (B = X^T for X row-major: K in Q K^T):
+// matrices (rows n0.., cols k0..) and (rows n0.., cols k0 + 8..).
 template <int LD, typename T>
-__device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const T* tile, int n0, int k0, int g, int t) {
-  const T* p = tile + (n0 + g) * LD + k0 + 2 * t;
-  b[0] = *reinterpret_cast<const uint32_t*>(p);
-  b[1] = *reinterpret_cast<const uint32_t*>(p + 8);
+__device__ __forceinline__ void load_b_rows(uint32_t (&b)[2], const T* tile, int n0, int k0, int lane) {
+  const int m = (lane / 8) & 1, r = lane % 8;
+  ptx::ldmatrix_x2(b[0], b[1], tile + (n0 + r) * LD + k0 + 8 * m);
 }
 
-// B fragment with B[k][n] = tile[k0 + k][n0 + n]  (B = X row-major: V in P V).
+// B fragment with B[k][n] = tile[k0 + k][n0 + n]  (B = X row-major: V in P V):
+// the transposes of matrices (rows k0.., cols n0..) and (rows k0 + 8.., cols n0..).
 template <int LD, typename T>
-__device__ __forceinline__ void load_b_cols(uint32_t (&b)[2], const T* tile, int k0, int n0, int g, int t) {
-  const T* p = tile + (k0 + 2 * t) * LD + n0 + g;
-  b[0] = pack_mem(p[0], p[LD]);
-  b[1] = pack_mem(p[8 * LD], p[9 * LD]);
+__device__ __forceinline__ void load_b_cols(uint32_t (&b)[2], const T* tile, int k0, int n0, int lane) {
+  const int m = (lane / 8) & 1, r = lane % 8;
+  ptx::ldmatrix_x2_trans(b[0], b[1], tile + (k0 + r + 8 * m) * LD + n0);
 }
 
 // A fragment of k16 step kk of a 16 x 32 tile held as C fragments c[kNT][4].
@@ -207,7 +204,9 @@ __device__ __forceinline__ P* rows_of(const Mat<P>& m, int b, int h, int64_t row
 
 // dst rows [0, n) <- src rows [row0, row0 + n) (row stride sr); rows >= valid
 // are zero.  vec: src and its strides are 16-byte aligned (8 elements), so
-// rows are copied in 16-byte pieces.
+// rows are copied in 16-byte pieces with cp.async (asynchronous: the data is
+// there after cp_async_wait_all and, for other threads, the barrier after it);
+// otherwise element by element with plain loads and stores.
 template <int kD, typename T>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t sr, int64_t row0, int64_t valid, int n,
                                           bool vec) {
@@ -216,9 +215,8 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t sr, int6
     constexpr int kPieces = kD / 8;
     for (int idx = threadIdx.x; idx < n * kPieces; idx += kThreads) {
       const int r = idx / kPieces, c = (idx % kPieces) * 8;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (row0 + r < valid) x = *reinterpret_cast<const uint4*>(src + (row0 + r) * sr + c);
-      *reinterpret_cast<uint4*>(dst + r * LD + c) = x;
+      const bool in = row0 + r < valid;  // outside: 0 bytes read, 16 zero-filled
+      ptx::cp_async_cg16_zfill(dst + r * LD + c, in ? src + (row0 + r) * sr + c : src, in ? 16 : 0);
     }
   } else {
     const T zero = from_float<T>(0.f);
@@ -286,8 +284,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
   constexpr int LD = G::LD;
   SSLOPS_DYNAMIC_SHARED(char, smem, 16);
   T* Qs = reinterpret_cast<T*>(smem);
-  T* Ks = Qs + kOwn * LD;
-  T* Vs = Ks + kStream * LD;
+  // buffer (i & 1) of the streamed K and V tiles (pointer arithmetic, not an indexed local array)
+  auto Kb = [=](int64_t i) { return Qs + (kOwn + (i & 1) * kStream) * LD; };
+  auto Vb = [=](int64_t i) { return Qs + (kOwn + (2 + (i & 1)) * kStream) * LD; };
   const int b = blockIdx.z, h = blockIdx.y;
   const bool varlen = a.seq.cu_q != nullptr;
   const Span sp = span_of(a.seq, b, h);
@@ -301,10 +300,12 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
   const int64_t wrows = sp.lq - w0 < 16 ? sp.lq - w0 : 16;
 
   load_rows<kD>(Qs, q, a.q.sr, i0, sp.lq, kOwn, a.vec);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait_all();
   __syncthreads();
   uint32_t qa[G::kSteps][4];
 #pragma unroll
-  for (int kk = 0; kk < G::kSteps; ++kk) load_a<LD>(qa[kk], Qs, 16 * warp, 16 * kk, g, t);
+  for (int kk = 0; kk < G::kSteps; ++kk) load_a<LD>(qa[kk], Qs, 16 * warp, 16 * kk, lane);
 
   float m[2] = {am::neg_inf<float>(), am::neg_inf<float>()}, l[2] = {0.f, 0.f};
   float acc[G::kDT][4];
@@ -313,11 +314,23 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
 
   const int64_t last = (i0 + kOwn < sp.lq ? i0 + kOwn : sp.lq) - 1;
   const int64_t n_keys = am::kv_end(last, sp.lk, a.causal);  // keys any row of the block sees
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kStream) {
-    __syncthreads();  // the previous tile's readers are done
-    load_rows<kD>(Ks, k, a.k.sr, j0, sp.lk, kStream, a.vec);
-    load_rows<kD>(Vs, v, a.v.sr, j0, sp.lk, kStream, a.vec);
-    __syncthreads();  // the tile is complete
+  const int64_t n_tiles = (n_keys + kStream - 1) / kStream;
+  if (n_tiles > 0) {
+    load_rows<kD>(Kb(0), k, a.k.sr, 0, sp.lk, kStream, a.vec);
+    load_rows<kD>(Vb(0), v, a.v.sr, 0, sp.lk, kStream, a.vec);
+    ptx::cp_async_commit();
+  }
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    const int64_t j0 = it * kStream;
+    const T* Ks = Kb(it & 1);
+    const T* Vs = Vb(it & 1);
+    ptx::cp_async_wait_all();
+    __syncthreads();  // tile it has landed; everybody is done with tile it - 1 (the other buffer)
+    if (it + 1 < n_tiles) {  // prefetch tile it + 1 while this one is computed
+      load_rows<kD>(Kb((it + 1) & 1), k, a.k.sr, j0 + kStream, sp.lk, kStream, a.vec);
+      load_rows<kD>(Vb((it + 1) & 1), v, a.v.sr, j0 + kStream, sp.lk, kStream, a.vec);
+      ptx::cp_async_commit();
+    }
     if (!am::tile_live(w0, wrows, j0, kStream, sp.lk, a.causal)) continue;  // warp-uniform
 
     float s[kNT][4];
@@ -327,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
 #pragma unroll
       for (int kk = 0; kk < G::kSteps; ++kk) {
         uint32_t bf[2];
-        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, g, t);
+        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, lane);
         mma<T>(s[nt], qa[kk], bf);
       }
     }
@@ -371,7 +384,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
 #pragma unroll
       for (int dt = 0; dt < G::kDT; ++dt) {
         uint32_t bf[2];
-        load_b_cols<LD>(bf, Vs, 16 * kk, 8 * dt, g, t);
+        load_b_cols<LD>(bf, Vs, 16 * kk, 8 * dt, lane);
         mma<T>(acc[dt], pa, bf);
       }
     }
@@ -423,8 +436,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
   SSLOPS_DYNAMIC_SHARED(char, smem, 16);
   T* Qs = reinterpret_cast<T*>(smem);
   T* dOs = Qs + kOwn * LD;
-  T* Ks = dOs + kOwn * LD;
-  T* Vs = Ks + kStream * LD;
+  auto Kb = [=](int64_t i) { return dOs + (kOwn + (i & 1) * kStream) * LD; };
+  auto Vb = [=](int64_t i) { return dOs + (kOwn + (2 + (i & 1)) * kStream) * LD; };
   const int b = blockIdx.z, h = blockIdx.y;
   const bool varlen = a.seq.cu_q != nullptr;
   const Span sp = span_of(a.seq, b, h);
@@ -445,12 +458,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
     shift[r] = i < sp.lq ? am::bwd_shift(a.lse[sp.stat + i]) : am::pos_inf<float>();
     delta[r] = i < sp.lq ? a.delta[sp.stat + i] : 0.f;
   }
+  ptx::cp_async_commit();
+  ptx::cp_async_wait_all();
   __syncthreads();
   uint32_t qa[G::kSteps][4], da[G::kSteps][4];
 #pragma unroll
   for (int kk = 0; kk < G::kSteps; ++kk) {
-    load_a<LD>(qa[kk], Qs, 16 * warp, 16 * kk, g, t);
-    load_a<LD>(da[kk], dOs, 16 * warp, 16 * kk, g, t);
+    load_a<LD>(qa[kk], Qs, 16 * warp, 16 * kk, lane);
+    load_a<LD>(da[kk], dOs, 16 * warp, 16 * kk, lane);
   }
   float dq[G::kDT][4];
 #pragma unroll
@@ -458,11 +473,23 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
 
   const int64_t last = (i0 + kOwn < sp.lq ? i0 + kOwn : sp.lq) - 1;
   const int64_t n_keys = am::kv_end(last, sp.lk, a.causal);
-  for (int64_t j0 = 0; j0 < n_keys; j0 += kStream) {
-    __syncthreads();
-    load_rows<kD>(Ks, k, a.k.sr, j0, sp.lk, kStream, a.vec);
-    load_rows<kD>(Vs, v, a.v.sr, j0, sp.lk, kStream, a.vec);
-    __syncthreads();
+  const int64_t n_tiles = (n_keys + kStream - 1) / kStream;
+  if (n_tiles > 0) {
+    load_rows<kD>(Kb(0), k, a.k.sr, 0, sp.lk, kStream, a.vec);
+    load_rows<kD>(Vb(0), v, a.v.sr, 0, sp.lk, kStream, a.vec);
+    ptx::cp_async_commit();
+  }
+  for (int64_t it = 0; it < n_tiles; ++it) {
+    const int64_t j0 = it * kStream;
+    const T* Ks = Kb(it & 1);
+    const T* Vs = Vb(it & 1);
+    ptx::cp_async_wait_all();
+    __syncthreads();  // tile it has landed; everybody is done with tile it - 1 (the other buffer)
+    if (it + 1 < n_tiles) {
+      load_rows<kD>(Kb((it + 1) & 1), k, a.k.sr, j0 + kStream, sp.lk, kStream, a.vec);
+      load_rows<kD>(Vb((it + 1) & 1), v, a.v.sr, j0 + kStream, sp.lk, kStream, a.vec);
+      ptx::cp_async_commit();
+    }
     if (!am::tile_live(w0, wrows, j0, kStream, sp.lk, a.causal)) continue;
 
     float s[kNT][4], dp[kNT][4];
@@ -473,9 +500,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
 #pragma unroll
       for (int kk = 0; kk < G::kSteps; ++kk) {
         uint32_t bf[2];
-        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, g, t);
+        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, lane);
         mma<T>(s[nt], qa[kk], bf);
-        load_b_rows<LD>(bf, Vs, 8 * nt, 16 * kk, g, t);
+        load_b_rows<LD>(bf, Vs, 8 * nt, 16 * kk, lane);
         mma<T>(dp[nt], da[kk], bf);
       }
     }
@@ -495,7 +522,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
 #pragma unroll
       for (int dt = 0; dt < G::kDT; ++dt) {
         uint32_t bf[2];
-        load_b_cols<LD>(bf, Ks, 16 * kk, 8 * dt, g, t);
+        load_b_cols<LD>(bf, Ks, 16 * kk, 8 * dt, lane);
         mma<T>(dq[dt], sa, bf);
       }
     }
@@ -511,10 +538,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
   SSLOPS_DYNAMIC_SHARED(char, smem, 16);
   T* Ks = reinterpret_cast<T*>(smem);
   T* Vs = Ks + kOwn * LD;
-  T* Qs = Vs + kOwn * LD;
-  T* dOs = Qs + kStream * LD;
-  float* shift_s = reinterpret_cast<float*>(dOs + kStream * LD);
-  float* delta_s = shift_s + kStream;
+  auto Qb = [=](int64_t i) { return Vs + (kOwn + (i & 1) * kStream) * LD; };
+  auto dOb = [=](int64_t i) { return Vs + (kOwn + (2 + (i & 1)) * kStream) * LD; };
+  float* const stats = reinterpret_cast<float*>(Vs + (kOwn + 4 * kStream) * LD);  // [buffer][shift, delta][kStream]
   const int b = blockIdx.z, h = blockIdx.y;
   const bool varlen = a.seq.cu_q != nullptr;
   const Span sp = span_of(a.seq, b, h);
@@ -528,12 +554,14 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
 
   load_rows<kD>(Ks, rows_of(a.k, b, h, sp.k0, varlen), a.k.sr, j0, sp.lk, kOwn, a.vec);
   load_rows<kD>(Vs, rows_of(a.v, b, h, sp.k0, varlen), a.v.sr, j0, sp.lk, kOwn, a.vec);
+  ptx::cp_async_commit();
+  ptx::cp_async_wait_all();
   __syncthreads();
   uint32_t ka[G::kSteps][4], va[G::kSteps][4];
 #pragma unroll
   for (int kk = 0; kk < G::kSteps; ++kk) {
-    load_a<LD>(ka[kk], Ks, 16 * warp, 16 * kk, g, t);
-    load_a<LD>(va[kk], Vs, 16 * warp, 16 * kk, g, t);
+    load_a<LD>(ka[kk], Ks, 16 * warp, 16 * kk, lane);
+    load_a<LD>(va[kk], Vs, 16 * warp, 16 * kk, lane);
   }
   float dk[G::kDT][4], dv[G::kDT][4];
 #pragma unroll
@@ -543,16 +571,27 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
   }
   // Queries that see key j0 or later: all (top-left causal: i >= j0).
   const int64_t first = am::q_begin(j0, a.causal) / kStream * kStream;
-  for (int64_t i0 = first; i0 < sp.lq; i0 += kStream) {
-    __syncthreads();
-    load_rows<kD>(Qs, q, a.q.sr, i0, sp.lq, kStream, a.vec);
-    load_rows<kD>(dOs, dout, a.dout.sr, i0, sp.lq, kStream, a.vec);
+  // Stage query tile i0 (rows, and their shift and delta) into buffer buf.
+  auto stage = [&](int64_t i0, int buf) {
+    load_rows<kD>(Qb(buf), q, a.q.sr, i0, sp.lq, kStream, a.vec);
+    load_rows<kD>(dOb(buf), dout, a.dout.sr, i0, sp.lq, kStream, a.vec);
+    ptx::cp_async_commit();
+    float* st = stats + 2 * kStream * buf;
     for (int r = threadIdx.x; r < kStream; r += kThreads) {
       const int64_t i = i0 + r;
-      shift_s[r] = i < sp.lq ? am::bwd_shift(a.lse[sp.stat + i]) : am::pos_inf<float>();
-      delta_s[r] = i < sp.lq ? a.delta[sp.stat + i] : 0.f;
+      st[r] = i < sp.lq ? am::bwd_shift(a.lse[sp.stat + i]) : am::pos_inf<float>();
+      st[kStream + r] = i < sp.lq ? a.delta[sp.stat + i] : 0.f;
     }
-    __syncthreads();
+  };
+  if (first < sp.lq) stage(first, 0);
+  for (int64_t i0 = first, it = 0; i0 < sp.lq; i0 += kStream, ++it) {
+    const T* Qs = Qb(it & 1);
+    const T* dOs = dOb(it & 1);
+    const float* shift_s = stats + 2 * kStream * (it & 1);
+    const float* delta_s = shift_s + kStream;
+    ptx::cp_async_wait_all();
+    __syncthreads();  // tile it has landed; everybody is done with tile it - 1 (the other buffer)
+    if (i0 + kStream < sp.lq) stage(i0 + kStream, (it + 1) & 1);
     const int64_t qrows = sp.lq - i0 < kStream ? sp.lq - i0 : kStream;
     if (!am::tile_live(i0, qrows, w0, wkeys, sp.lk, a.causal)) continue;
 
@@ -565,9 +604,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
 #pragma unroll
       for (int kk = 0; kk < G::kSteps; ++kk) {
         uint32_t bf[2];
-        load_b_rows<LD>(bf, Qs, 8 * nt, 16 * kk, g, t);
+        load_b_rows<LD>(bf, Qs, 8 * nt, 16 * kk, lane);
         mma<T>(s[nt], ka[kk], bf);
-        load_b_rows<LD>(bf, dOs, 8 * nt, 16 * kk, g, t);
+        load_b_rows<LD>(bf, dOs, 8 * nt, 16 * kk, lane);
         mma<T>(dp[nt], va[kk], bf);
       }
     }
@@ -590,9 +629,9 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
 #pragma unroll
       for (int dt = 0; dt < G::kDT; ++dt) {
         uint32_t bf[2];
-        load_b_cols<LD>(bf, dOs, 16 * kk, 8 * dt, g, t);
+        load_b_cols<LD>(bf, dOs, 16 * kk, 8 * dt, lane);
         mma<T>(dv[dt], pa, bf);
-        load_b_cols<LD>(bf, Qs, 16 * kk, 8 * dt, g, t);
+        load_b_cols<LD>(bf, Qs, 16 * kk, 8 * dt, lane);
         mma<T>(dk[dt], sa, bf);
       }
     }
