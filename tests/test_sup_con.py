@@ -345,6 +345,9 @@ def test_stats_and_backward_vs_float64(backend, dtype):
         z = torch.randn(n, d, generator=g, dtype=torch.float64)
         lab = torch.randint(0, classes, (n,), generator=g) * 5 - 7
         _stats_vs_float64(fwd, z, lab, 2.5, dtype, tol, seed=n)
+        if backend == "cpu" and n > 1:  # labels beyond int32 (the kernel renumbers them), equal mod 2^32
+            big = torch.where(lab > 0, lab * 2**40 + 1, lab * 2**32 - 3)
+            _stats_vs_float64(fwd, z, big, 2.5, dtype, tol, seed=n)
 
 
 @pytest.mark.parametrize("backend,dtype", STATS_CASES)
@@ -399,6 +402,20 @@ def test_cpu_stats_non_contiguous_inputs():
     torch.testing.assert_close(torch.ops.sslops.sup_con_stats_backward(grad, z, lab, stats, 2.0),
                                torch.ops.sslops.sup_con_stats_backward(grad.contiguous(), z.contiguous(),
                                                                        lab.contiguous(), stats, 2.0), rtol=0, atol=0)
+
+
+@pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
+@pytest.mark.parametrize("isa", ["base", "avx2", "auto"])
+def test_cpu_isa_paths(monkeypatch, isa):
+    """The baseline, AVX2 and (where the CPU has them) AVX-512 builds of the cpu kernels' row
+    loops (SSLOPS_CPU_ISA caps the choice, read per call): every one against float64."""
+    monkeypatch.setenv("SSLOPS_CPU_ISA", isa)
+    g = torch.Generator().manual_seed(13)
+    z = torch.randn(530, 20, generator=g, dtype=torch.float64)
+    lab = torch.randint(0, 9, (530,), generator=g)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        _stats_vs_float64(torch.ops.sslops.sup_con_stats, z, lab, 2.0, dtype, tol, seed=1)
+    _check(_features(17, 3, 16, seed=3), _labels(17, 4), dict(temperature=0.1, positives="in"), "cpu")
 
 
 class _OpLog(TorchDispatchMode):

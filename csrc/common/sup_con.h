@@ -115,8 +115,8 @@ SSLOPS_HD T positive_direct(T x, T lpos, T gp) {
 // f (positive_factor) and gs (psum).  The diagonal is the caller's to zero.
 template <typename T>
 SSLOPS_HD T grad_weight(T a, T at, bool pos, T ga_i, T ga_j, T f_i, T f_j, T gs_i, T gs_j) {
-  const T w = ga_i * a + ga_j * at;
-  return pos ? w + f_i * a + f_j * at + gs_i + gs_j : w;
+  const T positive = f_i * a + f_j * at + gs_i + gs_j;
+  return ga_i * a + ga_j * at + (pos ? positive : T(0));
 }
 
 }  // namespace sup_con
