@@ -8,19 +8,30 @@ Baselines, re-implemented here from their published definitions:
 * solo-learn's ``simclr_loss_func(z, indexes)`` (its "in" form, with label
   ids as ``indexes``); compared with ``sslops.sup_con(positives="in")``.
 
-sslops runs on the best CPU backend it has (``auto``: "cpu"): the fused
-NT-Xent lse kernel plus O(N D) class sums ("out"), plus a per-class
-log-sum-exp over the positives ("in": batched Grams for small classes, the
-fused nt_xent_lse kernel on each large class's rows).
+sslops, side by side in each case:
+
+* ``sslops (cpu)``: the cpu backend (what ``auto`` picks), the fused
+  ``sslops::sup_con_stats`` kernels (csrc/cpu/sup_con.cpp): one tiled pass for
+  the (4, BV) per-row statistics, one for their backward.
+* ``sslops composite``: the composition the cuda backend runs, here on the CPU
+  kernels of its ops (the cpu backend before the fused kernels): the fused
+  NT-Xent lse kernel plus O(N D) class sums ("out"), plus a per-class
+  log-sum-exp over the positives ("in": batched Grams for small classes, the
+  fused nt_xent_lse kernel on each large class's rows).
 
     pytest bench/bench_sup_con.py --benchmark-only
 """
+import contextlib
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sslops
 from conftest import peak_memory
+
+_sup_con_module = importlib.import_module("sslops.sup_con")
 
 TEMPERATURE = 0.1
 
@@ -65,14 +76,35 @@ def solo_learn_formula(features, labels, temperature=TEMPERATURE):
     return -(torch.mean(torch.log(pos / (pos + neg))))
 
 
+@contextlib.contextmanager
+def _composite():
+    """The cpu backend runs cuda's composition instead of the fused statistics ops."""
+    saved = _sup_con_module._FUSED
+    _sup_con_module._FUSED = tuple(b for b in saved if b != "cpu")
+    try:
+        yield
+    finally:
+        _sup_con_module._FUSED = saved
+
+
+def _sslops(form, composite=False):
+    def fn(f, y):
+        with _composite() if composite else contextlib.nullcontext():
+            return sslops.sup_con(f, y, TEMPERATURE, positives=form, backend="cpu")
+
+    return fn
+
+
 IMPLS = {
     "out": {
         "SupConLoss formula": supcon_formula,
-        "sslops": lambda f, y: sslops.sup_con(f, y, TEMPERATURE, positives="out"),
+        "sslops (cpu)": _sslops("out"),
+        "sslops composite": _sslops("out", composite=True),
     },
     "in": {
         "solo-learn formula": solo_learn_formula,
-        "sslops": lambda f, y: sslops.sup_con(f, y, TEMPERATURE, positives="in"),
+        "sslops (cpu)": _sslops("in"),
+        "sslops composite": _sslops("in", composite=True),
     },
 }
 BASELINE = {"out": "SupConLoss formula", "in": "solo-learn formula"}
@@ -95,11 +127,9 @@ def test_sup_con_cpu(benchmark, record, form, impl, views, classes):
     run()  # warm-up
     with peak_memory("cpu") as mem:
         run()
-    backend = sslops._backend.resolve("sup_con" if form == "out" else "sup_con_in", "auto", torch.device("cpu"))
-    name = f"sslops ({backend})" if impl == "sslops" else impl
     benchmark.group = f"sup_con cpu positives={form} B={B} V={views} D={D} classes={classes}"
     benchmark.pedantic(run, rounds=5, iterations=1, warmup_rounds=0)
-    record(benchmark.group, name, benchmark, peak_mb=mem["mb"], baseline=impl == BASELINE[form])
+    record(benchmark.group, impl, benchmark, peak_mb=mem["mb"], baseline=impl == BASELINE[form])
 
 
 GPU = torch.cuda.is_available()

@@ -77,6 +77,21 @@ SSLOPS_LIBRARY(m) {
   // nt_xent_lse(z, z, arange(M), inv_temp); autograd uses the _sym backward.
   m.def("nt_xent_lse_sym(Tensor z, float inv_temp) -> Tensor");
 
+  // ---- sup_con (csrc/cpu/sup_con.cpp; math: csrc/common/sup_con.h) ----
+  // Per-row statistics of SupCon / multi-view SimCLR over x_ij = inv_temp * <z_i, z_j>, never
+  // building the (N, N) matrix (the contract of sslops::sup_con_stats_triton, sslops/sup_con.py).
+  // z (N, D) floating (CPU: float32/float64), labels (N,) int64 on z's device.  Row i's candidates
+  // are the columns j != i, its positives P(i) the candidates with labels[j] == labels[i].
+  // Returns (4, N), float32 (float64 for float64 z), per row i:
+  //   0: lse_i  = log sum_{j != i} exp(x_ij)   (-inf when N == 1)
+  //   1: lpos_i = log sum_{p in P(i)} exp(x_ip) (-inf when P(i) is empty)
+  //   2: psum_i = sum_{p in P(i)} x_ip          3: cnt_i = |P(i)|
+  m.def("sup_con_stats(Tensor z, Tensor labels, float inv_temp) -> Tensor");
+  // Gradient w.r.t. z of sum(grad_stats * stats), grad_stats (4, N) (its row 3, cnt, is ignored),
+  // stats the forward's: inv_temp * (W + W^T) z with
+  // W_ij = g0_i exp(x_ij - lse_i) + [j in P(i)] (g1_i exp(x_ij - lpos_i) + g2_i).
+  m.def("sup_con_stats_backward(Tensor grad_stats, Tensor z, Tensor labels, Tensor stats, float inv_temp) -> Tensor");
+
   // ---- masking (csrc/cpu/masking.cpp, csrc/cuda/masking.cu) ----
   // Token layout: L = P + N rows per sample, P = num_prefix_tokens prefix rows
   // (cls / registers, never masked) then N patch rows; index tensors (int32 or

@@ -15,7 +15,14 @@ With x_ij = <z_i, z_j> / T:
 
 No backend but ``reference`` builds the (N, N) logits:
 
-* ``cpu`` / ``cuda``: lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent
+* ``cpu`` and ``triton``: one fused op pair, ``sslops::sup_con_stats`` (C++,
+  csrc/cpu/sup_con.cpp) or ``sslops::sup_con_stats_triton``
+  (triton_kernels/sup_con.py), with one contract: the forward accumulates,
+  per row and tile by tile, the online lse over every other column, the online
+  lse over the positives, and the sum and count of the positive logits (the
+  (4, N) statistics lse, lpos, psum, cnt); the backward recomputes the tiles
+  from the saved per-row statistics.
+* ``cuda`` (and ``emu``): lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent
   kernels, tiles recomputed in the backward).  psum_i is linear in the
   logits, psum_i = <z_i, S_{y_i} - z_i> / T with S_y the sum of the rows
   labelled y (an index_add over N rows: O(N D)).  lpos_i is a log-sum-exp
@@ -25,11 +32,6 @@ No backend but ``reference`` builds the (N, N) logits:
   kernel on the class's rows (O(n D) memory).  That split needs the class
   sizes on the host, so under torch.compile the labelled lpos_i is computed
   from the masked (N, N) logits instead (materialising; eager mode never is).
-* ``triton``: one fused kernel pair (triton_kernels/sup_con.py) whose forward
-  accumulates, per row and tile by tile, the online lse over every other
-  column, the online lse over the positives, and the sum and count of the
-  positive logits; the backward recomputes the tiles from the saved per-row
-  statistics.
 
 ``gather_distributed=True`` (see :func:`_sup_con_gathered`): the anchors are
 this rank's rows, the candidates every rank's rows (a differentiable gather
@@ -49,11 +51,13 @@ from torch import Tensor
 
 from . import _backend, _checks, reference
 from ._distributed import all_gather_ints, gather_uneven_with_grad, rank_and_world
-from .nt_xent import REDUCTIONS, _lse, _lse_sym, _normalize
+from .nt_xent import REDUCTIONS, _kernel_dtype, _lse, _lse_sym, _normalize
 
 # The Triton kernels keep fp32 state and take fp32 / fp16 inputs (tl.dot in
 # "ieee" fp32 or fp16 on tensor cores).  bf16 and float64 are refused by name.
 _TRITON_DTYPES = {"triton": (torch.float32, torch.float16)}
+# The compiled ops listed are those cuda (and emu) compose; cpu runs the fused
+# sslops::sup_con_stats pair (csrc/cpu/sup_con.cpp) instead (see _FUSED).
 # positives="out": the compiled NT-Xent lse kernels plus O(N D) class sums.
 _backend.register_op(
     "sup_con", compiled=("nt_xent_lse_sym", "nt_xent_lse_backward_sym"), triton=True, dtypes=_TRITON_DTYPES,
@@ -65,7 +69,8 @@ _backend.register_op(
 )
 
 POSITIVES = ("out", "in")
-_N_STATS = 4  # rows of the Triton op's output: lse, lpos, psum, cnt
+_N_STATS = 4  # rows of the fused ops' output: lse, lpos, psum, cnt
+_FUSED = ("triton", "cpu")  # the backends that compute the (4, N) statistics in one fused op
 
 
 # ----------------------------------------------------------------------------
@@ -95,6 +100,10 @@ sup_con_stats_triton.register_fake(
 sup_con_stats_backward_triton.register_fake(lambda grad_stats, z, labels, stats, inv_temp: z.new_empty(z.shape))
 
 
+def _stats_dtype(z: Tensor) -> torch.dtype:
+    return torch.float64 if z.dtype == torch.float64 else torch.float32
+
+
 def _stats_formula(z: Tensor, labels: Tensor, inv_temp: float) -> Tensor:
     """The (4, N) statistics as plain differentiable torch ops (materialises the logits):
     the create_graph=True backward goes through it."""
@@ -110,7 +119,7 @@ def _stats_formula(z: Tensor, labels: Tensor, inv_temp: float) -> Tensor:
     lpos = torch.where(has[:, 0], torch.logsumexp(xp, 1), torch.full_like(lse, float("-inf")))
     psum = x.masked_fill(~pos, 0.0).sum(1)
     cnt = pos.sum(1).to(dt)
-    return torch.stack([lse, lpos, psum, cnt]).float()
+    return torch.stack([lse, lpos, psum, cnt]).to(_stats_dtype(z))
 
 
 def _setup_stats(ctx, inputs, output):
@@ -119,7 +128,8 @@ def _setup_stats(ctx, inputs, output):
     ctx.inv_temp = inv_temp
 
 
-def _backward_stats(ctx, grad):
+def _backward_stats(ctx, grad, backward=None):
+    """backward: the op's fused backward (default: the Triton one)."""
     z, labels, stats = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: differentiate the plain formula instead
         if not z.requires_grad:
@@ -127,10 +137,41 @@ def _backward_stats(ctx, grad):
         with torch.enable_grad():
             (gz,) = torch.autograd.grad(_stats_formula(z, labels, ctx.inv_temp), z, grad, create_graph=True)
         return gz, None, None
-    return sup_con_stats_backward_triton(grad.contiguous(), z, labels, stats, ctx.inv_temp), None, None
+    backward = sup_con_stats_backward_triton if backward is None else backward
+    return backward(grad.contiguous(), z, labels, stats, ctx.inv_temp), None, None
 
 
 sup_con_stats_triton.register_autograd(_backward_stats, setup_context=_setup_stats)
+
+
+# ----------------------------------------------------------------------------
+# Fake kernels and autograd of the compiled ops (schemas: csrc/sslops.cpp)
+# ----------------------------------------------------------------------------
+@torch.library.register_fake("sslops::sup_con_stats")
+def _(z, labels, inv_temp):
+    return z.new_empty((_N_STATS, z.shape[0]), dtype=_stats_dtype(z))
+
+
+@torch.library.register_fake("sslops::sup_con_stats_backward")
+def _(grad_stats, z, labels, stats, inv_temp):
+    return z.new_empty(z.shape)
+
+
+@_backend.compiled_namespace_setup  # sslops, and sslops_emu (the CUDA emulator) when it loads
+def _register_autograd(ns: str) -> None:
+    ops = getattr(torch.ops, ns)
+    torch.library.register_autograd(
+        f"{ns}::sup_con_stats",
+        lambda ctx, grad: _backward_stats(ctx, grad, backward=ops.sup_con_stats_backward),
+        setup_context=_setup_stats,
+    )
+
+
+def _fused_stats(z: Tensor, labels: Tensor, inv_temp: float, backend: str) -> Tensor:
+    """(4, N) statistics of the rows z (N, D) with label ids labels (N,) (backends in _FUSED)."""
+    if backend == "triton":
+        return sup_con_stats_triton(z, labels, inv_temp)
+    return _backend.ops(backend).sup_con_stats(_kernel_dtype(z, backend), labels, inv_temp)
 
 
 # ----------------------------------------------------------------------------
@@ -450,9 +491,9 @@ def sup_con(
         reduction: "mean" | "sum" | "none" ((B, V) per-anchor losses, entry
             [b, v] for anchor features[b, v]).
         backend: "auto" | "cuda" | "triton" | "cpu" | "reference".
-            "triton" takes float32 and float16.  Under torch.compile, cpu and
-            cuda with labels and positives="in" materialise the (BV, BV)
-            logits (see the module docstring).
+            "triton" takes float32 and float16.  Under torch.compile, cuda
+            with labels and positives="in" materialises the (BV, BV) logits
+            (see the module docstring).
 
     Returns:
         The loss in features' dtype: a scalar, or (B, V) for reduction="none".
@@ -501,10 +542,9 @@ def sup_con(
     if normalize:
         z = _normalize(z)
     ids = _dense_ids(labels, B, features.device)
-    if be == "triton":
-        stats = sup_con_stats_triton(z, ids.repeat(V), inv_temp)
-        lse, lpos, psum, cnt = stats.unbind(0)
-    else:  # cpu / cuda / emu: the fused NT-Xent lse, positives by class sums / class blocks
+    if be in _FUSED:
+        lse, lpos, psum, cnt = _fused_stats(z, ids.repeat(V), inv_temp, be).unbind(0)
+    else:  # cuda / emu: the fused NT-Xent lse, positives by class sums / class blocks
         lse = _lse_sym(z, inv_temp, be)
         psum, cnt = _class_stats(z, ids, B, V, inv_temp)
         lpos = None if positives == "out" else _class_lse(z, labels, ids, B, V, inv_temp, be)
