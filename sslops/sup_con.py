@@ -22,7 +22,9 @@ No backend but ``reference`` builds the (N, N) logits:
   lse over the positives, and the sum and count of the positive logits (the
   (4, N) statistics lse, lpos, psum, cnt); the backward recomputes the tiles
   from the saved per-row statistics.
-* ``cuda`` (and ``emu``): lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent
+* ``cuda`` (and ``emu``), fp32 and fp64: the same fused op pair,
+  ``sslops::sup_con_stats`` (csrc/cuda/sup_con.cu).
+* ``cuda`` (and ``emu``), fp16 and bf16: lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent
   kernels, tiles recomputed in the backward).  psum_i is linear in the
   logits, psum_i = <z_i, S_{y_i} - z_i> / T with S_y the sum of the rows
   labelled y (an index_add over N rows: O(N D)).  lpos_i is a log-sum-exp
@@ -71,6 +73,14 @@ _backend.register_op(
 POSITIVES = ("out", "in")
 _N_STATS = 4  # rows of the fused ops' output: lse, lpos, psum, cnt
 _FUSED = ("triton", "cpu")  # the backends that compute the (4, N) statistics in one fused op
+# cuda (and emu) run the fused sslops::sup_con_stats (csrc/cuda/sup_con.cu, SIMT, one pass) for fp32 and
+# fp64; fp16/bf16 keep the composition above, whose NT-Xent lse runs on tensor cores (the fused kernel
+# takes them too, without tensor cores; which is faster on a GPU has not been measured).
+_FUSED_CUDA_DTYPES = (torch.float32, torch.float64)
+
+
+def _is_fused(backend: str, dtype: torch.dtype) -> bool:
+    return backend in _FUSED or (backend in ("cuda", "emu") and dtype in _FUSED_CUDA_DTYPES)
 
 
 # ----------------------------------------------------------------------------
@@ -542,7 +552,7 @@ def sup_con(
     if normalize:
         z = _normalize(z)
     ids = _dense_ids(labels, B, features.device)
-    if be in _FUSED:
+    if _is_fused(be, z.dtype):
         lse, lpos, psum, cnt = _fused_stats(z, ids.repeat(V), inv_temp, be).unbind(0)
     else:  # cuda / emu: the fused NT-Xent lse, positives by class sums / class blocks
         lse = _lse_sym(z, inv_temp, be)

@@ -336,8 +336,14 @@ MUTATIONS = [
      "  a[1] = pack<T>(c[2 * kk][2], c[2 * kk][3]);\n  a[2] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);",
      "  a[1] = pack<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);\n  a[2] = pack<T>(c[2 * kk][2], c[2 * kk][3]);",
      "tests/test_attention.py", "test_emu_against_float64 and 65x65-32-full-fp16"),
+    ("sup_con-remove-label-barrier", "sup_con.cu",
+     "    __syncthreads();  // col_lab complete\n", "",
+     "tests/test_sup_con.py", "test_stats_and_backward_vs_float64 and emu-float32"),
 ]
 EXTRA_MUTATIONS = [
+    ("sup_con-backward-positive-mask", "sup_con.cu",
+     "          if (col_lab[jj] == lab[a]) {", "          if (col_lab[jj] != lab[a]) {",
+     "tests/test_sup_con.py", "test_stats_and_backward_vs_float64 and emu-float32"),
     ("attention-drop-cp-async-wait", "attention.cu",
      "  ptx::cp_async_commit();\n  ptx::cp_async_wait_all();\n  __syncthreads();\n  uint32_t qa[G::kSteps][4], da",
      "  ptx::cp_async_commit();\n  __syncthreads();\n  uint32_t qa[G::kSteps][4], da",

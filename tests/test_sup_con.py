@@ -28,6 +28,15 @@ if "cpu" in OUT_BACKENDS:
 if "triton" in OUT_BACKENDS:
     STATS_OPS["triton"] = (torch.ops.sslops.sup_con_stats_triton, (torch.float32,))
 STATS_CASES = [pytest.param(b, dt, id=f"{b}-{str(dt)[6:]}") for b, (_, dts) in STATS_OPS.items() for dt in dts]
+# csrc/cuda/sup_con.cu on the CPU under the CUDA emulator (marked emu; its ops exist once it is loaded).
+EMU_STATS_CASES = [pytest.param("emu", dt, marks=pytest.mark.emu, id=f"emu-{str(dt)[6:]}")
+                   for dt in (torch.float32, torch.float64)]
+
+
+def _stats_op(backend, backward=False):
+    if backend == "emu":
+        return torch.ops.sslops_emu.sup_con_stats_backward if backward else torch.ops.sslops_emu.sup_con_stats
+    return getattr(torch.ops.sslops, BACKWARD_OPS[backend]) if backward else STATS_OPS[backend][0]
 
 
 # ---------------------------------------------------------------- published formulas
@@ -301,10 +310,10 @@ def test_half_inputs(positives, backend):
 BACKWARD_OPS = {"cpu": "sup_con_stats_backward", "triton": "sup_con_stats_backward_triton"}
 
 
-@pytest.mark.parametrize("backend,dtype", STATS_CASES)
+@pytest.mark.parametrize("backend,dtype", STATS_CASES + EMU_STATS_CASES)
 def test_opcheck_stats_ops(backend, dtype):
-    fwd = STATS_OPS[backend][0]
-    bwd = getattr(torch.ops.sslops, BACKWARD_OPS[backend])
+    fwd = _stats_op(backend)
+    bwd = _stats_op(backend, backward=True)
     g = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(11, 5, generator=g, dtype=dtype), dim=1).requires_grad_()
     lab = torch.tensor([0, 1, 2, 0, 1, 2, 3, 0, 1, 0, 5])
@@ -333,9 +342,9 @@ def _stats_vs_float64(fwd, z, lab, inv_temp, dtype, tol, seed=0):
     torch.testing.assert_close(gz.double(), gref, rtol=10 * tol, atol=10 * tol)
 
 
-@pytest.mark.parametrize("backend,dtype", STATS_CASES)
+@pytest.mark.parametrize("backend,dtype", STATS_CASES + EMU_STATS_CASES)
 def test_stats_and_backward_vs_float64(backend, dtype):
-    fwd = STATS_OPS[backend][0]
+    fwd = _stats_op(backend)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     g = torch.Generator().manual_seed(1)
     sizes = ((1, 3, 1), (2, 1, 1), (37, 20, 4), (70, 130, 30), (65, 64, 65))
@@ -350,12 +359,12 @@ def test_stats_and_backward_vs_float64(backend, dtype):
             _stats_vs_float64(fwd, z, big, 2.5, dtype, tol, seed=n)
 
 
-@pytest.mark.parametrize("backend,dtype", STATS_CASES)
+@pytest.mark.parametrize("backend,dtype", STATS_CASES + EMU_STATS_CASES)
 def test_stats_positives_far_below_the_row_maximum(backend, dtype):
     """Large logits where each row's positives lie far below its largest logit, further than
     the cpu kernel lets the positives share the candidates' exponentials (40 in fp32, 600 in
     fp64: csrc/common/sup_con.h pos_shift_limit), next to rows where they do not."""
-    fwd = STATS_OPS[backend][0]
+    fwd = _stats_op(backend)
     g = torch.Generator().manual_seed(7)
     n, d = (70, 8) if backend == "triton" else (600, 8)
     u = F.normalize(torch.randn(n // 2, d, generator=g, dtype=torch.float64), dim=1)
@@ -369,6 +378,40 @@ def test_stats_positives_far_below_the_row_maximum(backend, dtype):
     assert (gap > limit).sum() > n // 2 and (gap < limit).sum() > 0  # both paths are taken
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     _stats_vs_float64(fwd, z, lab, inv_temp, dtype, tol * inv_temp)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_emu_stats_half_inputs(dtype):
+    """The CUDA kernel loads fp16/bf16 rows and computes in fp32: against float64 on the same
+    rounded values (tiles with tails: 65 and 130 rows, D 20 and 130)."""
+    g = torch.Generator().manual_seed(3)
+    for n, d, classes in ((65, 20, 4), (130, 130, 7), (1, 3, 1)):
+        z = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1).to(dtype).double()
+        lab = torch.randint(0, classes, (n,), generator=g)
+        _stats_vs_float64(torch.ops.sslops_emu.sup_con_stats, z, lab, 5.0, dtype, 1e-3, seed=n)
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("positives", ["out", "in"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_emu_sup_con_matches_reference(positives, dtype):
+    """sup_con(backend="emu"): fp32 runs the fused CUDA kernel, fp16 the NT-Xent composition."""
+    from sslops import _emu
+
+    for b, v, d in ((1, 2, 3), (17, 3, 16), (70, 2, 128)):
+        f = _features(b, v, d, seed=b + v + d)
+        for labels in _label_cases(b, seed=d):
+            launches = _emu.stats()["launches"]
+            x = f.to(dtype).requires_grad_()
+            out = sslops.sup_con(x, labels, temperature=0.2, positives=positives, reduction="none", backend="emu")
+            (grad,) = torch.autograd.grad(out.sum(), x)
+            assert _emu.stats()["launches"] > launches  # the emulated kernels ran
+            ref, ref_grad = _run(f.to(dtype).double(), labels, dict(temperature=0.2, positives=positives,
+                                                                    reduction="none"), None)
+            tol = 2e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+            torch.testing.assert_close(grad.double(), ref_grad, rtol=tol, atol=tol)
 
 
 @pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
