@@ -137,7 +137,8 @@ GPU = torch.cuda.is_available()
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+# bf16/fp16: cuda = the tensor-core NT-Xent composition; fp32: cuda = the fused csrc/cuda/sup_con.cu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [8192, 32768])  # B * V, V = 4, 100 classes
 @pytest.mark.parametrize("impl", ["SupConLoss formula", "sslops-cuda", "sslops-triton"])
 def test_sup_con_gpu(benchmark, record, impl, n, dtype):
