@@ -166,6 +166,42 @@ __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&c)[kNT][4
   a[3] = pack<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
 }
 
+// c = A B^T for the warp's 16 rows (A: register fragments over the head dim)
+// against the 32 rows of a streamed tile (B^T = tile rows): a 16 x 32 score
+// tile as kNT C fragments.
+template <typename T, int kD>
+__device__ __forceinline__ void tile_scores(float (&c)[kNT][4], const uint32_t (&a)[kD / 16][4], const T* tile,
+                                            int lane) {
+#pragma unroll
+  for (int nt = 0; nt < kNT; ++nt) {
+    c[nt][0] = c[nt][1] = c[nt][2] = c[nt][3] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      uint32_t bf[2];
+      load_b_rows<Geo<kD>::LD>(bf, tile, 8 * nt, 16 * kk, lane);
+      mma<T>(c[nt], a[kk], bf);
+    }
+  }
+}
+
+// acc += P X for a 16 x 32 tile P held as C fragments (rounded to T) and the
+// 32 x kD streamed rows X (P V, dS K, P^T dO, dS^T Q).
+template <typename T, int kD>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[kD / 8][4], const float (&p)[kNT][4], const T* tile,
+                                                int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kStream / 16; ++kk) {
+    uint32_t pa[4];
+    c_to_a<T>(pa, p, kk);
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt) {
+      uint32_t bf[2];
+      load_b_cols<Geo<kD>::LD>(bf, tile, 16 * kk, 8 * dt, lane);
+      mma<T>(acc[dt], pa, bf);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Operands, sequences
 // ---------------------------------------------------------------------------
@@ -334,16 +370,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
     if (!am::tile_live(w0, wrows, j0, kStream, sp.lk, a.causal)) continue;  // warp-uniform
 
     float s[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-      s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < G::kSteps; ++kk) {
-        uint32_t bf[2];
-        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, lane);
-        mma<T>(s[nt], qa[kk], bf);
-      }
-    }
+    tile_scores<T, kD>(s, qa, Ks, lane);
     float tmax[2] = {am::neg_inf<float>(), am::neg_inf<float>()};
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
@@ -377,17 +404,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(const FwdArgs<T
       acc[dt][0] *= alpha[0], acc[dt][1] *= alpha[0];
       acc[dt][2] *= alpha[1], acc[dt][3] *= alpha[1];
     }
-#pragma unroll
-    for (int kk = 0; kk < kStream / 16; ++kk) {
-      uint32_t pa[4];
-      c_to_a<T>(pa, s, kk);
-#pragma unroll
-      for (int dt = 0; dt < G::kDT; ++dt) {
-        uint32_t bf[2];
-        load_b_cols<LD>(bf, Vs, 16 * kk, 8 * dt, lane);
-        mma<T>(acc[dt], pa, bf);
-      }
-    }
+    tile_accumulate<T, kD>(acc, s, Vs, lane);
   }
   float inv[2];
 #pragma unroll
@@ -493,19 +510,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
     if (!am::tile_live(w0, wrows, j0, kStream, sp.lk, a.causal)) continue;
 
     float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < G::kSteps; ++kk) {
-        uint32_t bf[2];
-        load_b_rows<LD>(bf, Ks, 8 * nt, 16 * kk, lane);
-        mma<T>(s[nt], qa[kk], bf);
-        load_b_rows<LD>(bf, Vs, 8 * nt, 16 * kk, lane);
-        mma<T>(dp[nt], da[kk], bf);
-      }
-    }
+    tile_scores<T, kD>(s, qa, Ks, lane);   // S = Q K^T
+    tile_scores<T, kD>(dp, da, Vs, lane);  // dP = dO V^T
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -515,17 +521,7 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dq_kernel(const BwdArg
         s[nt][e] = am::dscore(p, dp[nt][e], delta[e >> 1]);  // s now holds dS
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < kStream / 16; ++kk) {
-      uint32_t sa[4];
-      c_to_a<T>(sa, s, kk);
-#pragma unroll
-      for (int dt = 0; dt < G::kDT; ++dt) {
-        uint32_t bf[2];
-        load_b_cols<LD>(bf, Ks, 16 * kk, 8 * dt, lane);
-        mma<T>(dq[dt], sa, bf);
-      }
-    }
+    tile_accumulate<T, kD>(dq, s, Ks, lane);  // dQ += dS K
   }
   store_rows<kD>(rows_of(a.dq, b, h, sp.q0, varlen), a.dq.sr, w0, sp.lq, dq, a.scale, a.scale, g, t);
 }
@@ -597,19 +593,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
 
     // Transposed tiles: row = key (this warp's 16), column = query (32).
     float s[kNT][4], dp[kNT][4];
-#pragma unroll
-    for (int nt = 0; nt < kNT; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < G::kSteps; ++kk) {
-        uint32_t bf[2];
-        load_b_rows<LD>(bf, Qs, 8 * nt, 16 * kk, lane);
-        mma<T>(s[nt], ka[kk], bf);
-        load_b_rows<LD>(bf, dOs, 8 * nt, 16 * kk, lane);
-        mma<T>(dp[nt], va[kk], bf);
-      }
-    }
+    tile_scores<T, kD>(s, ka, Qs, lane);    // S^T = K Q^T
+    tile_scores<T, kD>(dp, va, dOs, lane);  // dP^T = V dO^T
 #pragma unroll
     for (int nt = 0; nt < kNT; ++nt) {
 #pragma unroll
@@ -621,20 +606,8 @@ __global__ void __launch_bounds__(kThreads) attention_bwd_dkdv_kernel(const BwdA
         dp[nt][e] = am::dscore(p, dp[nt][e], delta_s[col]);    // dS^T
       }
     }
-#pragma unroll
-    for (int kk = 0; kk < kStream / 16; ++kk) {
-      uint32_t pa[4], sa[4];
-      c_to_a<T>(pa, s, kk);
-      c_to_a<T>(sa, dp, kk);
-#pragma unroll
-      for (int dt = 0; dt < G::kDT; ++dt) {
-        uint32_t bf[2];
-        load_b_cols<LD>(bf, dOs, 16 * kk, 8 * dt, lane);
-        mma<T>(dv[dt], pa, bf);
-        load_b_cols<LD>(bf, Qs, 16 * kk, 8 * dt, lane);
-        mma<T>(dk[dt], sa, bf);
-      }
-    }
+    tile_accumulate<T, kD>(dv, s, dOs, lane);  // dV += P^T dO
+    tile_accumulate<T, kD>(dk, dp, Qs, lane);  // dK += dS^T Q
   }
   store_rows<kD>(rows_of(a.dk, b, h, sp.k0, varlen), a.dk.sr, w0, sp.lk, dk, a.scale, a.scale, g, t);
   store_rows<kD>(rows_of(a.dv, b, h, sp.k0, varlen), a.dv.sr, w0, sp.lk, dv, 1.f, 1.f, g, t);
