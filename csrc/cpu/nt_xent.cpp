@@ -26,8 +26,8 @@
 //             grad_I += W z_J and grad_J += W^T z_I.
 // The tiles are ordered in rounds of a round-robin tournament: round 0 holds
 // the diagonal tiles, every later round pairs each block with one other block
-// at most.  Threads take the tiles in that order and run a tile once the
-// earlier tiles of its two blocks are done, writing the rows' state and
+// at most.  A thread runs a tile once the earlier tiles of its two blocks are
+// done (taking the first such tile in that order), writing the rows' state and
 // gradients in place -- no atomic adds, no per-thread partials, and every
 // row's accumulation order is fixed by the plan alone: the results do not
 // depend on the number of threads or on the timing.  The
@@ -624,29 +624,48 @@ struct SymPlan {
   int64_t row0(int64_t blk) const { return blk * bs; }
   int64_t rows(int64_t blk) const { return std::min(bs, M - blk * bs); }
 
-  // Runs fn(I, J, thread) on every tile.  The threads take the tiles in order
-  // from a shared counter and start one once every earlier tile of its two
-  // blocks has finished (no barrier per round: a thread that the OS preempts
-  // holds up only the tiles that need its blocks).  Each block's tiles thus
-  // run one at a time, in the plan's order, whichever thread runs them.
+  // Runs fn(I, J, thread) on every tile.  A tile is ready once every earlier
+  // tile of its two blocks has finished; each thread takes the first ready tile
+  // among the next kLookahead untaken ones (so a thread that the OS preempts in
+  // a tile holds up only the tiles that need its blocks, and nobody waits while
+  // holding a tile).  Each block's tiles thus run one at a time, in the plan's
+  // order, whichever thread runs them.
   template <typename F>
   void run(const F& fn) const {
+    constexpr int64_t kLookahead = 256;
     const int64_t n = static_cast<int64_t>(tiles.size());
     std::vector<std::atomic<int64_t>> done(B);  // finished tiles per block
     for (auto& d : done) d.store(0, std::memory_order_relaxed);
-    std::atomic<int64_t> next{0};
+    std::vector<std::atomic<bool>> taken(n);
+    for (auto& t : taken) t.store(false, std::memory_order_relaxed);
+    std::atomic<int64_t> low{0};  // every tile below it is taken
     std::atomic<bool> failed{false};
     std::exception_ptr error;
     std::mutex error_mutex;
+    auto ready = [&](const Tile& tile) {
+      return done[tile.I].load(std::memory_order_acquire) >= tile.pos_I &&
+             done[tile.J].load(std::memory_order_acquire) >= tile.pos_J;
+    };
     const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
     at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      for (int64_t t; (t = next.fetch_add(1)) < n;) {
-        const Tile& tile = tiles[t];
-        while (done[tile.I].load(std::memory_order_acquire) < tile.pos_I ||
-               done[tile.J].load(std::memory_order_acquire) < tile.pos_J) {
-          if (failed.load(std::memory_order_relaxed)) return;
-          std::this_thread::yield();
+      for (;;) {
+        if (failed.load(std::memory_order_relaxed)) return;
+        const int64_t t0 = low.load(std::memory_order_acquire);
+        if (t0 >= n) return;
+        int64_t pick = -1;
+        for (int64_t t = t0; t < std::min(n, t0 + kLookahead) && pick < 0; ++t) {
+          bool expected = false;
+          if (!taken[t].load(std::memory_order_relaxed) && ready(tiles[t]) &&
+              taken[t].compare_exchange_strong(expected, true))
+            pick = t;
         }
+        if (pick < 0) {  // the lowest untaken tile waits for a running one
+          std::this_thread::yield();
+          continue;
+        }
+        for (int64_t lw = low.load(); lw < n && taken[lw].load();)
+          if (low.compare_exchange_weak(lw, lw + 1)) ++lw;
+        const Tile& tile = tiles[pick];
         try {
           fn(tile.I, tile.J, at::get_thread_num());
         } catch (...) {
