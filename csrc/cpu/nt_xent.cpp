@@ -204,6 +204,10 @@ void tables(SymTileOps<float>* f, SymTileOps<double>* d) {
 
 // ---------------------------------------------------------------- AVX-512
 #pragma GCC push_options
+#pragma GCC diagnostic push
+// GCC 12 warns that the intrinsics' own _mm512_undefined_* placeholders "may be
+// used uninitialized" wherever they are inlined (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512dq,avx2,fma")
 // No contraction of a * b + c into an FMA where the code does not ask for one:
 // the logits x * inv_temp must round as in the scalar code and in the other
@@ -277,6 +281,7 @@ void tables(SymTileOps<float>* f, SymTileOps<double>* d) {
   *d = Tiles<VD>::table("avx512");
 }
 }  // namespace ntx_avx512
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
 #endif
 
