@@ -234,6 +234,126 @@ def test_backward_sym_equals_general_backward():
     torch.testing.assert_close(gz, gq + gc)
 
 
+# ---------------------------------------------------------------- the symmetric CPU kernels
+# nt_xent_lse_sym and nt_xent_lse_backward_sym on the CPU (csrc/cpu/nt_xent.cpp):
+# equal blocks of z's rows (<= 256, >= 8 blocks down to 64 rows), tiles (I, J),
+# I <= J, in round-robin rounds.  The sizes straddle the block rules: 1 row, 1
+# block, 2 blocks (65), an odd block count (129: 3, 2100: 9, with a dummy block
+# in the schedule), ragged last blocks (513: 8 x 65 + 58; 1026; 2049: 9 x 228 + 225)
+# and widths that are not a multiple of the vector width.
+SYM_SIZES = [(1, 3), (2, 5), (3, 1), (65, 17), (129, 64), (513, 33), (1026, 64), (2049, 19), (2100, 8)]
+# Every path of a tile: the shared shift from the norm bound (normalised, 1/T <= 30);
+# the max pass then a shared tile max, or a shift per row and per column where the
+# positives (cos ~ 0.9 at 1/T = 100) or unnormalised rows (|x| ~ 1e3) spread too wide;
+# the backward's one- and two-exponential weights likewise.
+SYM_CASES = [(2.0, True), (100.0, True), (10.0, False)]
+ISAS = ["base", "avx2", "avx512"]
+
+
+def _sym_inputs(m, d, normalize, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    half = (m + 1) // 2
+    a = torch.randn(half, d, generator=g, dtype=torch.float64)
+    z = torch.cat([a, a + 0.5 * torch.randn(half, d, generator=g, dtype=torch.float64)])[:m]  # correlated pairs
+    z = torch.nn.functional.normalize(z, dim=1) if normalize else 3.0 * z
+    return z.to(dtype)
+
+
+def _sym_oracle(z, inv_temp, grad):
+    z64 = z.double().requires_grad_()
+    lse = reference.nt_xent_lse(z64, z64, torch.arange(z.shape[0]), inv_temp)
+    lse.backward(grad)
+    return lse.detach(), z64.grad
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("inv_temp,normalize", SYM_CASES, ids=["bound", "lowT", "unnormalised"])
+@pytest.mark.parametrize("m,d", SYM_SIZES)
+def test_sym_cpu_kernels_match_float64(monkeypatch, isa, dtype, inv_temp, normalize, m, d):
+    monkeypatch.setenv("SSLOPS_CPU_ISA", isa)  # caps the ISA of the element loops (a lower one always runs)
+    z = _sym_inputs(m, d, normalize, dtype, seed=m * 7 + d)
+    grad = torch.rand(m, generator=torch.Generator().manual_seed(m), dtype=torch.float64)
+    lse = torch.ops.sslops.nt_xent_lse_sym(z, inv_temp)
+    gz = torch.ops.sslops.nt_xent_lse_backward_sym(grad.to(dtype), z, lse, inv_temp)
+    ref, ref_grad = _sym_oracle(z, inv_temp, grad)
+    assert lse.dtype == dtype and gz.dtype == dtype
+    if m == 1:  # no candidate: lse -inf, gradient exactly 0
+        assert lse.isneginf().all() and torch.equal(gz, torch.zeros_like(gz))
+        return
+    # fp32 logits carry ~1e-7 relative error of their size, |z|^2 inv_temp.
+    size = inv_temp * z.double().square().sum(1).max().item()
+    tol = (2e-7 if dtype == torch.float32 else 1e-13) * max(1.0, size) * 10
+    torch.testing.assert_close(lse.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(gz.double(), ref_grad, rtol=tol, atol=tol * max(1.0, ref_grad.abs().max().item()))
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+@pytest.mark.parametrize("isa", ISAS)
+def test_sym_cpu_kernels_one_hot_softmax_at_large_logits(monkeypatch, isa):
+    """Logits ~ 6e4 (unnormalised, T = 0.01): the softmax is one-hot and the exact
+    gradient ~0, so the backward must see each logit x_ij with the bits the
+    forward's lse saw -- exp(rounding of x) ~ 1 +- 4e-3 otherwise.  Every ISA build
+    (an FMA contracting x * inv_temp - lse in one of them failed this)."""
+    monkeypatch.setenv("SSLOPS_CPU_ISA", isa)
+    for n in (17, 200):  # one diagonal tile; 4 blocks of 100
+        z1, z2 = _views(n, 64, scale=3.0, seed=7)
+        kwargs = dict(temperature=0.01, normalize=False, reduction="none")
+        _check(sslops.nt_xent, reference.nt_xent, (z1, z2), kwargs, "cpu", 100.0, scale=64 * 9.0)
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+@pytest.mark.parametrize("inv_temp,normalize", SYM_CASES, ids=["bound", "lowT", "unnormalised"])
+def test_sym_cpu_kernels_bitwise_equal_across_threads(inv_temp, normalize):
+    """The tiles' rounds fix every row's accumulation order: 1 and 2 threads give
+    the same bits, and so do repeated calls."""
+    z = _sym_inputs(1026, 64, normalize, torch.float32, seed=1)
+    grad = torch.rand(1026)
+    before = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2, 2):
+            torch.set_num_threads(threads)
+            lse = torch.ops.sslops.nt_xent_lse_sym(z, inv_temp)
+            runs.append((lse, torch.ops.sslops.nt_xent_lse_backward_sym(grad, z, lse, inv_temp)))
+    finally:
+        torch.set_num_threads(before)
+    for lse, gz in runs[1:]:
+        assert torch.equal(lse, runs[0][0]) and torch.equal(gz, runs[0][1])
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+def test_sym_cpu_kernels_isas_agree_and_differ(monkeypatch):
+    """The three element-loop builds agree to rounding, and really are different
+    code (libm's exp, 8- and 16-lane sums), so each ISA case above ran its own."""
+    z = _sym_inputs(513, 33, True, torch.float32, seed=2)
+    grad = torch.rand(513)
+    outs = {}
+    for isa in ISAS:
+        monkeypatch.setenv("SSLOPS_CPU_ISA", isa)
+        lse = torch.ops.sslops.nt_xent_lse_sym(z, 2.0)
+        outs[isa] = (lse, torch.ops.sslops.nt_xent_lse_backward_sym(grad, z, lse, 2.0))
+    for isa in ISAS[1:]:
+        torch.testing.assert_close(outs[isa][0], outs["base"][0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(outs[isa][1], outs["base"][1], rtol=1e-5, atol=1e-7)
+
+    def same(a, b):
+        return torch.equal(outs[a][0], outs[b][0]) and torch.equal(outs[a][1], outs[b][1])
+
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert not same("avx2", "base")
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":
+        assert not same("avx512", "avx2")
+
+
+@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="sslops._C not built")
+def test_sym_forward_has_its_own_cpu_kernel():
+    # nt_xent's cpu backend goes through nt_xent_lse_sym: its CPU kernel, not the
+    # device-generic one that calls nt_xent_lse with exclude = arange(M).
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("sslops::nt_xent_lse_sym", "CPU")
+
+
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "reference"])
 def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()

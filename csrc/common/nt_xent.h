@@ -64,5 +64,57 @@ SSLOPS_HD T softmax_weight(T x, T lse, T g) {
   return g * exp_(x - lse);
 }
 
+// ---- symmetric case (q = c = z, row i leaves out column i) ----
+// The logits are symmetric, x_ij = x_ji, so one tile (I, J) of them serves
+// the rows of block I (its row sums) and the rows of block J (its column
+// sums), and in the backward both W_IJ and W_JI = W_IJ^T.
+
+// a if a > b, else b: the max of x86's maxps, which passes a NaN in b through
+// (clamping NaN arguments to min_exp_arg would hide them).
+template <typename T>
+SSLOPS_HD T max_nan(T a, T b) {
+  return a > b ? a : b;
+}
+
+// exp(x - shift) with the argument clamped from below (min_exp_arg).
+template <typename T>
+SSLOPS_HD T shifted_exp(T x, T shift) {
+  return exp_(max_nan(min_exp_arg<T>(), x - shift));
+}
+
+// Largest spread of exponent arguments that one shared shift may cover:
+// with every argument in [shift - spread, shift], exp(x - shift) >= e^-60
+// (e^-600 in double) stays a normal number with full relative precision, so
+// a tile's row sums and column sums can share one exponential per element.
+// Tiles with a wider spread fall back to a shift per row and per column.
+template <typename T>
+SSLOPS_HD T max_shared_spread();
+template <>
+SSLOPS_HD float max_shared_spread<float>() { return 60.0f; }
+template <>
+SSLOPS_HD double max_shared_spread<double>() { return 600.0; }
+
+// Symmetric backward weight of logit x_ij (= x_ji), diagonal excluded:
+//     W_ij = g_i exp(x_ij - lse_i) + g_j exp(x_ij - lse_j),
+// the (i, j) entry of A + A^T with A_ij = g_i softmax_i(j).  Two exponentials.
+template <typename T>
+SSLOPS_HD T sym_weight(T x, T lse_i, T g_i, T lse_j, T g_j) {
+  return g_i * shifted_exp(x, lse_i) + g_j * shifted_exp(x, lse_j);
+}
+
+// The same with one exponential, for a tile whose rows' and columns' lse lie
+// within max_shared_spread of a shared shift s <= every one of them:
+//     W_ij = exp(x_ij - s) * (a_i + a_j),   a_i = shared_factor(g_i, lse_i, s),
+// where x_ij - s <= lse_i - s <= spread (x_ij <= lse_i) cannot overflow and
+// a_i = g_i exp(s - lse_i) <= g_i.
+template <typename T>
+SSLOPS_HD T shared_factor(T g, T lse, T s) {
+  return g * exp_(s - lse);
+}
+template <typename T>
+SSLOPS_HD T sym_weight_shared(T x, T s, T a_i, T a_j) {
+  return shifted_exp(x, s) * (a_i + a_j);
+}
+
 }  // namespace nt_xent
 }  // namespace sslops
