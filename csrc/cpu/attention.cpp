@@ -39,6 +39,7 @@
 #include <vector>
 
 #include "common/attention.h"
+#include "cpu/isa.h"
 #include "common/attention_host.h"
 #include "common/output.h"
 #include "cpu/attention_rows.h"
@@ -81,33 +82,21 @@ inline int64_t even_block(int64_t n, int64_t cap) {
 }
 
 // ---------------------------------------------------------------- ISA choice
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
+using cpu_isa::env_is;
 
 template <typename T>
 const RowOps<T>& row_ops() {
   struct Tables {
     RowOps<float> f[3];
     RowOps<double> d[3];
-    bool avx2 = false, avx512 = false;
     Tables() {
       attention_cpu::row_ops_default(&f[0], &d[0]);
       attention_cpu::row_ops_avx2(&f[1], &d[1]);
       attention_cpu::row_ops_avx512(&f[2], &d[2]);
-#if defined(__x86_64__) && defined(__GNUC__)
-      avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-      avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-#endif
     }
   };
   static const Tables tables;
-  // SSLOPS_CPU_ISA=base|avx2|avx512 caps the choice (read per call, for tests).
-  int level = tables.avx512 ? 2 : tables.avx2 ? 1 : 0;
-  if (env_is("SSLOPS_CPU_ISA", "base")) level = 0;
-  if (env_is("SSLOPS_CPU_ISA", "avx2")) level = std::min(level, 1);
+  const int level = cpu_isa::level();  // SSLOPS_CPU_ISA caps it
   if constexpr (std::is_same_v<T, float>) {
     return tables.f[level];
   } else {

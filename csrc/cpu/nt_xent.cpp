@@ -58,6 +58,7 @@
 
 #include "common/checks.h"
 #include "common/nt_xent.h"
+#include "cpu/isa.h"
 #include "common/output.h"
 
 // Fortran BLAS of the MKL/OpenBLAS that libtorch_cpu links and exports (weak:
@@ -518,17 +519,13 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_lse_backward_cpu(const at::Tensor& gr
 }
 
 // ---------------------------------------------------------------- symmetric case
-bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
+using cpu_isa::env_is;
 
 template <typename T>
 const SymTileOps<T>& sym_tile_ops() {
   struct Tables {
     SymTileOps<float> f[3];
     SymTileOps<double> d[3];
-    bool avx2 = false, avx512 = false;
     Tables() {
       ntx_base::tables(&f[0], &d[0]);
       f[1] = f[2] = f[0];
@@ -536,16 +533,11 @@ const SymTileOps<T>& sym_tile_ops() {
 #if defined(__x86_64__) && defined(__GNUC__)
       ntx_avx2::tables(&f[1], &d[1]);
       ntx_avx512::tables(&f[2], &d[2]);
-      avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-      avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
 #endif
     }
   };
   static const Tables tables;
-  // SSLOPS_CPU_ISA=base|avx2|avx512 caps the choice (read per call, for tests).
-  int level = tables.avx512 ? 2 : tables.avx2 ? 1 : 0;
-  if (env_is("SSLOPS_CPU_ISA", "base")) level = 0;
-  if (env_is("SSLOPS_CPU_ISA", "avx2")) level = std::min(level, 1);
+  const int level = cpu_isa::level();  // SSLOPS_CPU_ISA caps it
   if constexpr (std::is_same_v<T, float>) {
     return tables.f[level];
   } else {

@@ -37,6 +37,7 @@
 #include "common/checks.h"
 #include "common/output.h"
 #include "common/sup_con.h"
+#include "cpu/isa.h"
 
 namespace sslops {
 namespace {
@@ -116,23 +117,14 @@ struct RowLoops {
 #define SSLOPS_SUP_CON_LOOPS(NS, T) \
   RowLoops<T> { &NS::scan_row<T>, &NS::shift_row<T>, &NS::sum_row<T>, &NS::shift_row_pair<T>, &NS::weight_row<T> }
 
-inline bool env_is(const char* name, const char* value) {
-  const char* v = std::getenv(name);
-  return v != nullptr && std::strcmp(v, value) == 0;
-}
-
 // The widest build the CPU runs; SSLOPS_CPU_ISA=base|avx2 caps it (read per
 // call, so tests can run every path).
 template <typename T>
 RowLoops<T> row_loops() {
 #if SSLOPS_SUP_CON_X86
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  static const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-  if (!env_is("SSLOPS_CPU_ISA", "base")) {
-    if (avx512 && !env_is("SSLOPS_CPU_ISA", "avx2")) return SSLOPS_SUP_CON_LOOPS(avx512, T);
-    if (avx2) return SSLOPS_SUP_CON_LOOPS(avx2, T);
-  }
+  const int level = cpu_isa::level();
+  if (level == 2) return SSLOPS_SUP_CON_LOOPS(avx512, T);
+  if (level == 1) return SSLOPS_SUP_CON_LOOPS(avx2, T);
 #endif
   return SSLOPS_SUP_CON_LOOPS(base, T);
 }
