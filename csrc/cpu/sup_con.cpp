@@ -223,14 +223,15 @@ std::vector<double> block_norms(const T* z, int64_t D, const SymRounds& plan) {
 // upper triangle's logits, once as row i's, once as column j's).
 template <typename T>
 struct TileStats {
-  T *mx, *mp, *ps, *ct, *l, *lp;  // each kSides * ld: the rows at 0, the columns at ld
+  T *mx, *mp, *ps, *ct, *l, *lp;  // each 2 * ld: the rows at 0, the columns at ld
   TileStats(T* scratch, int64_t ld)
       : mx(scratch), mp(mx + 2 * ld), ps(mp + 2 * ld), ct(ps + 2 * ld), l(ct + 2 * ld), lp(l + 2 * ld) {}
 };
 
 // A tile with no shift to share (its logits' possible spread too wide, non-finite values, positives far
 // below the tile's maximum): shifts per row and per column for the candidates and for the positives, four
-// scalar exponentials per logit.  Rare; m*, l* hold the row / column halves as in TileStats.
+// scalar exponentials per logit.  Rare.  t holds the maxima (max_row) on entry; on return the shifts (mx,
+// mp) with the sums (l, lp, ps, ct), row and column halves as in TileStats.
 template <typename T>
 void tile_split(const T* x, int64_t ld, int64_t rn, int64_t cn, bool diag, const int32_t* lab_r, const int32_t* lab_c,
                 T it, TileStats<T>& t) {
@@ -294,7 +295,7 @@ void stats_sym(const at::Tensor& z, const int32_t* lab, double inv_temp, T* out)
         hi = std::max(hi, t.mx[k]), low = std::min(low, t.mx[k]);
         if (t.mp[k] != ninf) plow = std::min(plow, t.mp[k]);
       }
-      // On a diagonal tile a row's maximum is that of its two halves: the halves' bound the spread.
+      // (On a diagonal tile a row's maximum is the larger of its two halves'; testing the halves is stricter.)
       shared = finite && hi - low <= spread && (plow == -ninf || hi - plow <= limit);
       shift = hi == ninf ? T(0) : hi;
       if (!shared) {
