@@ -10,9 +10,10 @@ Baselines, re-implemented here from their published definitions:
 
 sslops, side by side in each case:
 
-* ``sslops (cpu)``: the cpu backend (what ``auto`` picks), the fused
-  ``sslops::sup_con_stats`` kernels (csrc/cpu/sup_con.cpp): one tiled pass for
-  the (4, BV) per-row statistics, one for their backward.
+* ``sslops (cpu)``: the cpu backend, the fused ``sslops::sup_con_stats``
+  kernels (csrc/cpu/sup_con.cpp): one pass over the symmetric tiles of the
+  logits for the (4, BV) per-row statistics, one for their backward.
+* ``sslops (auto)``: ``backend="auto"``, whatever it picks on the CPU.
 * ``sslops composite``: the composition the cuda backend runs, here on the CPU
   kernels of its ops (the cpu backend before the fused kernels): the fused
   NT-Xent lse kernel plus O(N D) class sums ("out"), plus a per-class
@@ -87,10 +88,10 @@ def _composite():
         _sup_con_module._FUSED = saved
 
 
-def _sslops(form, composite=False):
+def _sslops(form, composite=False, backend="cpu"):
     def fn(f, y):
         with _composite() if composite else contextlib.nullcontext():
-            return sslops.sup_con(f, y, TEMPERATURE, positives=form, backend="cpu")
+            return sslops.sup_con(f, y, TEMPERATURE, positives=form, backend=backend)
 
     return fn
 
@@ -99,11 +100,13 @@ IMPLS = {
     "out": {
         "SupConLoss formula": supcon_formula,
         "sslops (cpu)": _sslops("out"),
+        "sslops (auto)": _sslops("out", backend="auto"),
         "sslops composite": _sslops("out", composite=True),
     },
     "in": {
         "solo-learn formula": solo_learn_formula,
         "sslops (cpu)": _sslops("in"),
+        "sslops (auto)": _sslops("in", backend="auto"),
         "sslops composite": _sslops("in", composite=True),
     },
 }

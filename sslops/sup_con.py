@@ -21,7 +21,9 @@ No backend but ``reference`` builds the (N, N) logits:
   per row and tile by tile, the online lse over every other column, the online
   lse over the positives, and the sum and count of the positive logits (the
   (4, N) statistics lse, lpos, psum, cnt); the backward recomputes the tiles
-  from the saved per-row statistics.
+  from the saved per-row statistics.  The C++ kernel computes each tile of the
+  symmetric logits once, for its rows' and its columns' statistics (on the
+  CPU it is faster than the composition below for both forms: bench/RESULTS.md).
 * ``cuda`` (and ``emu``), fp32 and fp64: the same fused op pair,
   ``sslops::sup_con_stats`` (csrc/cuda/sup_con.cu).
 * ``cuda`` (and ``emu``), fp16 and bf16: lse_i is ``sslops::nt_xent_lse_sym`` (the fused NT-Xent

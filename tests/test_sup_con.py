@@ -431,6 +431,69 @@ def test_cpu_stats_gradcheck_float64():
 
 
 @pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mode", ["bound", "tile_max", "split"])
+def test_cpu_stats_symmetric_tiles(dtype, mode):
+    """The cpu kernel's symmetric tiles (csrc/cpu/sup_con.cpp): N = 1 .. 2100 rows give 1 to 9
+    blocks (an odd count sits one block out per round, a short last block), and each
+    tile's shift: "bound" (normalised rows, inv_temp 10: the norms bound the logits),
+    "tile_max" (inv_temp 45: the bound's spread is too wide, the tile's maximum is shared),
+    "split" (unnormalised rows, logits spread over hundreds: shifts per row and column, and
+    the backward's two exponentials), forward and backward against float64."""
+    g = torch.Generator().manual_seed(21)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for n in (1, 2, 5, 63, 65, 130, 390, 513, 1030, 2100):
+        d = 3 + n % 13
+        z = torch.randn(n, d, generator=g, dtype=torch.float64)
+        if mode == "split":
+            z = 3 * z
+            inv_temp = 10.0
+        else:
+            z = F.normalize(z, dim=1)
+            inv_temp = 10.0 if mode == "bound" else 45.0
+        scale = inv_temp * max(1.0, z.norm(dim=1).max().item() ** 2 / 10)  # |logits| up to ~1000 for "split"
+        for lab in (torch.randint(0, 4, (n,), generator=g),  # large classes
+                    torch.randint(0, max(1, n), (n,), generator=g) * 3 - 5):  # many single-member classes
+            _stats_vs_float64(torch.ops.sslops.sup_con_stats, z, lab, inv_temp, dtype, tol * scale, seed=n)
+
+
+@pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
+@pytest.mark.parametrize("positives", ["out", "in"])
+def test_cpu_odd_sizes_and_views(positives):
+    """sup_con on the cpu backend for B in {1, 3, 17, 130}, V = 1 .. 4 (V = 1 with labels only),
+    no labels, few classes, mostly single-member classes, at T = 0.1 and T = 0.02 (the
+    kernel's two shared-shift paths), against the float64 reference."""
+    for b in (1, 3, 17, 130):
+        for v in (1, 2, 3, 4):
+            f = _features(b, v, 24, seed=10 * b + v)
+            cases = _label_cases(b, seed=b + v)
+            for labels in cases[1:] if v == 1 else cases:
+                for t in (0.1, 0.02):
+                    up = torch.rand(b, v, generator=torch.Generator().manual_seed(b + v), dtype=torch.float64)
+                    _check(f, labels, dict(temperature=t, positives=positives, reduction="none"), "cpu", up)
+
+
+@pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
+def test_cpu_stats_do_not_depend_on_the_thread_count():
+    """Every row's summation order is fixed by N alone (the tiles' rounds), not by the threads."""
+    g = torch.Generator().manual_seed(4)
+    z = F.normalize(torch.randn(1500, 32, generator=g), dim=1)
+    lab = torch.randint(0, 7, (1500,), generator=g)
+    up = torch.rand(4, 1500, generator=g)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for k in (1, 2, 3):
+            torch.set_num_threads(k)
+            st = torch.ops.sslops.sup_con_stats(z, lab, 10.0)
+            results.append((st, torch.ops.sslops.sup_con_stats_backward(up, z, lab, st, 10.0)))
+    finally:
+        torch.set_num_threads(threads)
+    for st, gz in results[1:]:
+        assert torch.equal(st, results[0][0]) and torch.equal(gz, results[0][1])
+
+
+@pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")
 def test_cpu_stats_non_contiguous_inputs():
     g = torch.Generator().manual_seed(5)
     base = torch.randn(13, 2, 40, generator=g, dtype=torch.float64)
