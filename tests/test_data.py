@@ -222,6 +222,37 @@ def test_float_indices_refused_not_hung(tmp_path, digits):
         next(eval_batches(path, np.arange(4.0), 4, num_workers=1))
 
 
+@pytest.mark.parametrize("bad", [[0, 24], [24], [-1, 3], [0, 10**7]])
+def test_out_of_range_indices_refused(tmp_path, digits, bad):
+    # ffcv reads past its metadata without a check: [0, 24] of 24 samples returned another sample's
+    # bytes as an image, [0, 10**7] segfaulted
+    from sslops.augment import SSLViews
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 24\)"):
+        next(eval_batches(path, bad, 4, num_workers=1))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 24\)"):
+        ViewLoader(path, 1, SSLViews(size=8), num_workers=1, seed=0, indices=bad)
+    ims, labs = zip(*eval_batches(path, [0, 23], 4, num_workers=1))  # the ends are fine
+    assert torch.equal(torch.cat(labs), torch.as_tensor(y[[0, 23]]))
+    assert torch.equal(torch.cat(ims).permute(0, 2, 3, 1), torch.as_tensor(x[[0, 23]]))
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True])
+def test_bad_batch_size_refused(tmp_path, digits, batch_size):
+    from sslops.augment import SSLViews
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    with pytest.raises(ValueError, match="batch_size"):  # 0 was a ZeroDivisionError inside ffcv
+        next(eval_batches(path, [0, 1], batch_size, num_workers=1))
+    with pytest.raises(ValueError, match="batch_size"):
+        ViewLoader(path, batch_size, SSLViews(size=8), num_workers=1, seed=0)
+
+
 def write_npz_arrays(tmp_path, x, y):
     from sslops.data import write_arrays
 

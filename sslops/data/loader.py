@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -73,6 +74,8 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
 
     if not os.path.isfile(path):
         raise BetonError(f"--data {path}: no such file")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if indices is not None:
         # float indices (np.arange(reader.num_samples) is float64: num_samples is a uint64) kill
         # ffcv's numba decoder thread and the main thread then waits forever: refuse them
@@ -80,6 +83,11 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise ValueError(f"indices must be a 1-d sequence of integers, got shape {arr.shape} dtype {arr.dtype}")
         indices = arr.astype(np.int64)
+        # ffcv does not bounds-check indices: one past the end reads another sample's bytes, a far one segfaults
+        n = _num_samples(path)
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = int(indices.min()) if indices.min() < 0 else int(indices.max())
+            raise ValueError(f"indices must be in [0, {n}) for the {n} samples of {path}, got {bad}")
     try:
         return Loader(path, batch_size=batch_size, num_workers=num_workers,
                       order=OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL,
@@ -101,6 +109,17 @@ def _decode_size(path, decode_size):
     if constant_image_size(path) is None:
         raise BetonError(f"--data {path}: images of mixed sizes need a decode_size (center square resized to it)")
     return None
+
+
+def _num_samples(path: str) -> int:
+    """Number of samples in a .beton (reads only the header)."""
+    with keep_torch_threads():
+        from ffcv.reader import Reader
+
+    try:
+        return int(Reader(path).num_samples)
+    except Exception as e:
+        raise BetonError(f"--data {path}: not a readable .beton ({type(e).__name__})") from None
 
 
 def beton_length(path: str) -> int:
