@@ -432,6 +432,19 @@ def test_bad_sample_params_arguments():
 
 
 @pytest.mark.parametrize("kw,err,match", [
+    (dict(scale=(0.5,)), TypeError, "scale must be a pair"),  # was an IndexError
+    (dict(scale=(-1.0, 1.0)), ValueError, r"scale must satisfy 0.0 < min"),  # these four gave crops silently
+    (dict(scale=(float("nan"), 1.0)), ValueError, "scale must satisfy"),
+    (dict(ratio=(2.0, 1.0)), ValueError, "ratio must satisfy"),
+    (dict(ratio=(0.5, float("inf"))), ValueError, "ratio must satisfy"),
+    (dict(ratio=(0, 1)), ValueError, "ratio must satisfy"),  # was "math domain error"
+])
+def test_bad_sample_crops_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        A.sample_crops(4, (32, 24), **kw)
+
+
+@pytest.mark.parametrize("kw,err,match", [
     (dict(ratio=(-1, 1)), ValueError, r"Recipe.ratio must satisfy 0.0 < min"),  # was "math domain error"
     (dict(ratio=(2.0, 1.0)), ValueError, "Recipe.ratio"),
     (dict(scale=(0.0, 1.0)), ValueError, "Recipe.scale"),
