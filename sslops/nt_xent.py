@@ -455,6 +455,8 @@ class NTXentLoss(torch.nn.Module):
         if self.memory_bank is None:
             return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
                            gather_distributed=self.gather_distributed, backend=self.backend)
+        _checks.tensor(out0, "out0")  # before reading out0.requires_grad (was an AttributeError)
+        _checks.tensor(out1, "out1")
         train = out0.requires_grad  # lightly's rule: no update when evaluating
         gathered = train and self.gather_distributed and rank_and_world()[1] > 1
         _embeddings(out0, "out0", out1, "out1", allow_empty=gathered)
