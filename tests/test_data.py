@@ -301,3 +301,27 @@ def test_mixed_size_imagefolder_trains_and_evaluates(tmp_path):
     run = tmp_path / "run"
     assert cli.main(["--data", out, "--out", str(run), "--epochs", "1", "--batch-size", "16", "--size", "32",
                      "--threads", "1", "--num-workers", "1", "--no-progress", "--no-plot"]) == 0
+
+
+def test_write_beton_refuses_empty_images(tmp_path):
+    from sslops.data import write_beton
+
+    for shape in ((2, 0, 4, 3), (2, 4, 0, 3)):  # was written; reading it failed in an ffcv assert
+        with pytest.raises(ValueError, match="images must have H, W >= 1"):
+            write_beton(str(tmp_path / "e.beton"), np.zeros(shape, np.uint8), [0, 1])
+    assert not os.listdir(tmp_path)
+
+
+def test_split_indices_checks_its_arguments():
+    from sslops.data import split_indices
+
+    train, val = split_indices(10, 0.3)
+    assert len(val) == 3 and sorted(np.concatenate([train, val]).tolist()) == list(range(10))
+    # these gave an empty training split (or a clamped one) silently
+    for kw, match in ((dict(n=1), "n must be an int >= 2"), (dict(n=0), "n must be"), (dict(n=10.0), "n must be"),
+                      (dict(n=10, val_fraction=1.0), "val_fraction must be in"),
+                      (dict(n=10, val_fraction=-0.5), "val_fraction must be in"),
+                      (dict(n=10, val_fraction=float("nan")), "val_fraction must be in"),
+                      (dict(n=10, max_val=0), "max_val must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            split_indices(**kw)

@@ -144,6 +144,13 @@ def beton_length(path: str) -> int:
 
 def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
     """A fixed (seed-independent) train / held-out split of ``range(n)``, both sorted."""
+    # unchecked, n < 2 gave an empty train split and val_fraction >= 1 an empty one silently
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n must be an int >= 2 (one training and one held-out sample), got {n!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if isinstance(max_val, bool) or not isinstance(max_val, numbers.Integral) or max_val < 1:
+        raise ValueError(f"max_val must be an int >= 1, got {max_val!r}")
     perm = np.random.default_rng(0).permutation(n)
     n_val = max(1, min(max_val, int(n * val_fraction)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
