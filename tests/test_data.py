@@ -253,6 +253,16 @@ def test_bad_batch_size_refused(tmp_path, digits, batch_size):
         ViewLoader(path, batch_size, SSLViews(size=8), num_workers=1, seed=0)
 
 
+def test_view_loader_needs_ssl_views(tmp_path, digits):
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    for views in (None, lambda images: [images]):
+        with pytest.raises(TypeError, match="views must be an sslops.augment.SSLViews"):
+            ViewLoader(path, 4, views, num_workers=1, seed=0)
+
+
 def write_npz_arrays(tmp_path, x, y):
     from sslops.data import write_arrays
 

@@ -180,6 +180,10 @@ class ViewLoader:
     def __init__(self, path: str, batch_size: int, views, *, num_workers: int, seed: int,
                  indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False,
                  decode_size: Optional[int] = None):
+        from ..augment import SSLViews
+
+        if not isinstance(views, SSLViews):  # was an AttributeError ('generator') at the first step
+            raise TypeError(f"views must be an sslops.augment.SSLViews, got {type(views).__name__}")
         self.views, self.seed, self.device = views, int(seed), torch.device(device)
         self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed \
             else (0, 1)
