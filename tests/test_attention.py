@@ -498,6 +498,9 @@ def test_bad_varlen_inputs():
         sslops.attention_varlen(q[None], q, q, cu, cu)
     with pytest.raises(ValueError, match="number of heads H"):
         sslops.attention_varlen(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), cu, cu)
+    qm, cm = q.to("meta"), cu.to("meta")
+    with pytest.raises(ValueError, match="cu_seqlens_q is a meta tensor"):  # was a RuntimeError from .item()
+        sslops.attention_varlen(qm, qm, qm, cm, cm, 6, 6)
 
 
 @needs_compiled
