@@ -418,6 +418,16 @@ def test_bad_params_batch_and_device():
         A.apply(x, {"crop": p.crop}, 16)
 
 
+def test_params_int_index():
+    p = A.sample_params(3, 16, generator=torch.Generator().manual_seed(0))
+    for i in (0, 2, -1, -3):
+        row = p[i]
+        assert len(row) == 1 and torch.equal(row.crop, p.crop[[i]]) and torch.equal(row.order, p.order[[i]])
+    for i in (3, 10, -4):  # p[3] was an empty AugmentParams
+        with pytest.raises(IndexError, match=f"index {i} is out of range"):
+            p[i]
+
+
 def test_bad_sample_params_arguments():
     with pytest.raises(ValueError, match="recipe"):
         A.sample_params(4, 32, recipe="moco")

@@ -89,6 +89,9 @@ class AugmentParams:
     def __getitem__(self, index) -> "AugmentParams":
         """Rows ``index`` of every field (an int keeps a batch of one)."""
         if isinstance(index, int):
+            n = len(self)
+            if not -n <= index < n:  # the slice below would give an empty batch silently
+                raise IndexError(f"index {index} is out of range for AugmentParams of batch size {n}")
             index = slice(index, index + 1 if index != -1 else None)
         return AugmentParams(*(t[index] for t in self.tensors()))
 
