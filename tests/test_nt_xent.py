@@ -463,6 +463,18 @@ BAD_CALLS = [
     (lambda: sslops.NTXentLoss(temperature=0), ValueError, "temperature"),
     (lambda: sslops.NTXentLoss(backend="gpu"), ValueError, "backend"),
     (lambda: sslops.NTXentLoss(0.5, 4096), ValueError, "memory_bank_size"),
+    # truthy non-bools (e.g. the string "False" from a config file) used to switch the flag on
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), normalize="False"), TypeError,
+     "normalize must be a bool, got str"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), gather_distributed=1), TypeError,
+     "gather_distributed must be a bool, got int"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), normalize=None), TypeError,
+     "normalize must be a bool, got NoneType"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), gather_distributed="no"), TypeError,
+     "gather_distributed must be a bool, got str"),
+    (lambda: sslops.NTXentLoss(0.5, gather_distributed="yes"), TypeError, "gather_distributed must be a bool"),
+    (lambda: sslops.NTXentLoss(0.5, normalize="False"), TypeError, "normalize must be a bool"),
+    (lambda: sslops.InfoNCELoss(0.5, normalize="False"), TypeError, "normalize must be a bool"),
 ]
 
 
