@@ -62,6 +62,13 @@ def integer(value, name: str, lo: int = 0, hi: int | None = None) -> int:
     return value if isinstance(value, torch.SymInt) else int(value)
 
 
+def boolean(value, name: str) -> bool:
+    """A Python bool (a truthy string such as "False" would otherwise switch a flag on)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def choice(value, name: str, options) -> str:
     if value not in options:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")

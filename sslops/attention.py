@@ -209,6 +209,8 @@ def _cu_seqlens(cu, name: str, total: int, device: torch.device) -> Tensor:
         raise ValueError(f"{name} must be 1-D with N + 1 >= 2 offsets, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+    if cu.device.type == "meta" and not torch.compiler.is_compiling():  # was "Tensor.item() ... meta tensors"
+        raise ValueError(f"{name} is a meta tensor: attention_varlen reads the offsets, which meta tensors lack")
     if not torch.compiler.is_compiling():  # value checks read the data (a sync on GPU)
         first, last = int(cu[0]), int(cu[-1])
         if first != 0:

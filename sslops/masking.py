@@ -389,6 +389,8 @@ def random_masking(
         noise = torch.rand(B, N, device=x.device, generator=generator)
     else:
         _checks.tensor(noise, "noise", ndim=2)
+        if noise.is_complex() or noise.dtype == torch.bool:  # argsort: complex fails inside, bool is all ties
+            raise TypeError(f"noise must be a real tensor (floating, like torch.rand), got {noise.dtype}")
         if tuple(noise.shape) != (B, N):
             raise ValueError(f"noise must have shape (B, L - num_prefix_tokens) = ({B}, {N}), got {tuple(noise.shape)}")
         _checks.same_device(x, "x", noise, "noise")
@@ -598,9 +600,13 @@ def block_masking(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     try:
-        H, W = (int(g) for g in grid)
+        H, W = grid
     except (TypeError, ValueError):
         raise TypeError(f"grid must be a pair of ints (H, W), got {grid!r}") from None
+    if any(isinstance(g, bool) or not isinstance(g, numbers.Integral) for g in (H, W)):
+        # int(g) truncated (14.5, 14) to (14, 14)
+        raise TypeError(f"grid must be a pair of ints (H, W), got {grid!r}")
+    H, W = int(H), int(W)
     if H < 1 or W < 1:
         raise ValueError(f"grid must be (H, W) with H, W >= 1, got {grid!r}")
     _checks.choice(kind, "kind", KINDS)

@@ -278,7 +278,8 @@ def nt_xent(
     negatives are the other 2N - 2 embeddings.  Same definition as
     ``lightly.loss.NTXentLoss`` (its memory bank: :class:`NTXentLoss`) and the SimCLR paper.
     """
-    rank, world = rank_and_world() if gather_distributed else (0, 1)
+    _checks.boolean(normalize, "normalize")
+    rank, world = rank_and_world() if _checks.boolean(gather_distributed, "gather_distributed") else (0, 1)
     _embeddings(z1, "z1", z2, "z2", allow_empty=world > 1)
     inv_temp = 1.0 / _checks.temperature(temperature)
     _checks.choice(reduction, "reduction", REDUCTIONS)
@@ -329,7 +330,8 @@ def info_nce(
     Returns:
         The loss in query's dtype: a scalar, or (N,) for reduction="none".
     """
-    if gather_distributed and negatives is not None:
+    _checks.boolean(normalize, "normalize")
+    if _checks.boolean(gather_distributed, "gather_distributed") and negatives is not None:
         raise ValueError("gather_distributed=True gathers the in-batch keys: it takes negatives=None "
                          "(gather a negatives queue yourself)")
     rank, world = rank_and_world() if gather_distributed else (0, 1)
@@ -443,6 +445,8 @@ class NTXentLoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.5, memory_bank_size=0, gather_distributed: bool = False,
                  normalize: bool = True, backend: str = "auto"):
         super().__init__()
+        _checks.boolean(gather_distributed, "gather_distributed")
+        _checks.boolean(normalize, "normalize")
         size = _bank_size(memory_bank_size)
         self.memory_bank_size = size if size[0] > 0 else 0
         self.memory_bank = _MemoryBank(size, gather_distributed) if size[0] > 0 else None
@@ -455,6 +459,8 @@ class NTXentLoss(torch.nn.Module):
         if self.memory_bank is None:
             return nt_xent(out0, out1, self.temperature, normalize=self.normalize,
                            gather_distributed=self.gather_distributed, backend=self.backend)
+        _checks.tensor(out0, "out0")  # before reading out0.requires_grad (was an AttributeError)
+        _checks.tensor(out1, "out1")
         train = out0.requires_grad  # lightly's rule: no update when evaluating
         gathered = train and self.gather_distributed and rank_and_world()[1] > 1
         _embeddings(out0, "out0", out1, "out1", allow_empty=gathered)
@@ -485,7 +491,7 @@ class InfoNCELoss(torch.nn.Module):
     def __init__(self, temperature: float = 0.07, normalize: bool = True, backend: str = "auto"):
         super().__init__()
         self.temperature = _checks.temperature(temperature)
-        self.normalize = normalize
+        self.normalize = _checks.boolean(normalize, "normalize")
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
 
     def forward(self, query: Tensor, key: Tensor, negatives: Optional[Tensor] = None) -> Tensor:

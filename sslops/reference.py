@@ -54,11 +54,9 @@ def info_nce(query, key, negatives=None, temperature=0.07, normalize=True, reduc
 def nt_xent_lse(q, c, exclude, inv_temp):
     """lse[i] = logsumexp_{j != exclude[i]} inv_temp * <q[i], c[j]> (materialised)."""
     logits = (_acc(q) @ _acc(c).t()) * inv_temp
-    if exclude is not None:
-        rows = torch.arange(q.shape[0], device=q.device)
-        keep = exclude >= 0
-        logits = logits.clone()
-        logits[rows[keep], exclude[keep]] = float("-inf")
+    if exclude is not None:  # a mask, not boolean indexing (data-dependent: fails on meta tensors)
+        cols = torch.arange(c.shape[0], device=c.device)
+        logits = logits.masked_fill(cols[None, :] == exclude[:, None], float("-inf"))  # -1: none excluded
     return torch.logsumexp(logits, dim=1)
 
 

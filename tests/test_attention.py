@@ -498,6 +498,9 @@ def test_bad_varlen_inputs():
         sslops.attention_varlen(q[None], q, q, cu, cu)
     with pytest.raises(ValueError, match="number of heads H"):
         sslops.attention_varlen(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), cu, cu)
+    qm, cm = q.to("meta"), cu.to("meta")
+    with pytest.raises(ValueError, match="cu_seqlens_q is a meta tensor"):  # was a RuntimeError from .item()
+        sslops.attention_varlen(qm, qm, qm, cm, cm, 6, 6)
 
 
 @needs_compiled
@@ -883,3 +886,46 @@ def test_patch_timm_refuses_models_without_attention():
     assert isinstance(sslops.nn.patch_timm(torch.nn.Linear(3, 3), strict=False), torch.nn.Linear)
     with pytest.raises(ValueError, match="backend must be one of"):
         sslops.nn.patch_timm(torch.nn.Linear(3, 3), backend="flash")
+
+
+def test_nn_attention_empty_batch_and_sequence_like_timm():
+    # the kernels refuse empty inputs (test_bad_dense_inputs); the drop-in must not, as timm does not
+    ref = _timm_attention(dim=48, num_heads=3, qkv_bias=True).eval()
+    ours = sslops.nn.Attention(dim=48, num_heads=3, qkv_bias=True).eval()
+    ours.load_state_dict(ref.state_dict())
+    for shape in ((0, 7, 48), (2, 0, 48), (0, 0, 48)):
+        x = torch.randn(shape, requires_grad=True)
+        for is_causal in (False, True):
+            got = ours(x, is_causal=is_causal)
+            assert got.shape == ref(x, is_causal=is_causal).shape == shape
+            got.sum().backward()
+            assert x.grad.shape == shape and ours.qkv.weight.grad is not None
+
+
+def test_nn_attention_bad_arguments():
+    _timm()
+    for kw, match in ((dict(dim=48, num_heads=0), "num_heads must be >= 1"),  # was ZeroDivisionError
+                      (dict(dim=48, num_heads=-2), "num_heads must be >= 1"),  # was accepted: head_dim -24
+                      (dict(dim=0, num_heads=2), "dim must be >= 1"),  # was ZeroDivisionError
+                      (dict(dim=48, num_heads=2, attn_head_dim=0), "attn_head_dim must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            sslops.nn.Attention(**kw)
+    with pytest.raises(TypeError, match="num_heads must be an int"):
+        sslops.nn.Attention(dim=48, num_heads=2.0)
+    ours = sslops.nn.Attention(dim=48, num_heads=3).eval()
+    x = torch.randn(2, 5, 48)
+    # an integer 0/1 mask was silently added to the scores as a bias (so it masked nothing); SDPA refuses it
+    with pytest.raises(TypeError, match="attn_mask must be bool .* got torch.int64"):
+        ours(x, attn_mask=(torch.rand(5, 5) > 0.5).long())
+    with pytest.raises(TypeError, match="attn_mask must be a torch.Tensor"):
+        ours(x, attn_mask=[[True] * 5] * 5)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):  # "no" was truthy: a causal mask
+        ours(x, is_causal="no")
+    with pytest.raises(ValueError, match="x must be 3-D"):
+        ours(x[0])
+
+
+def test_patch_timm_refuses_non_modules():
+    _timm()
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):  # was an AttributeError
+        sslops.nn.patch_timm("vit_tiny_patch16_224")

@@ -418,6 +418,16 @@ def test_bad_params_batch_and_device():
         A.apply(x, {"crop": p.crop}, 16)
 
 
+def test_params_int_index():
+    p = A.sample_params(3, 16, generator=torch.Generator().manual_seed(0))
+    for i in (0, 2, -1, -3):
+        row = p[i]
+        assert len(row) == 1 and torch.equal(row.crop, p.crop[[i]]) and torch.equal(row.order, p.order[[i]])
+    for i in (3, 10, -4):  # p[3] was an empty AugmentParams
+        with pytest.raises(IndexError, match=f"index {i} is out of range"):
+            p[i]
+
+
 def test_bad_sample_params_arguments():
     with pytest.raises(ValueError, match="recipe"):
         A.sample_params(4, 32, recipe="moco")
@@ -429,6 +439,19 @@ def test_bad_sample_params_arguments():
         A.sample_params(4.0, 32)
     with pytest.raises(ValueError, match="view"):
         A.sample_params(4, 32, view=-1)
+
+
+@pytest.mark.parametrize("kw,err,match", [
+    (dict(scale=(0.5,)), TypeError, "scale must be a pair"),  # was an IndexError
+    (dict(scale=(-1.0, 1.0)), ValueError, r"scale must satisfy 0.0 < min"),  # these four gave crops silently
+    (dict(scale=(float("nan"), 1.0)), ValueError, "scale must satisfy"),
+    (dict(ratio=(2.0, 1.0)), ValueError, "ratio must satisfy"),
+    (dict(ratio=(0.5, float("inf"))), ValueError, "ratio must satisfy"),
+    (dict(ratio=(0, 1)), ValueError, "ratio must satisfy"),  # was "math domain error"
+])
+def test_bad_sample_crops_arguments(kw, err, match):
+    with pytest.raises(err, match=match):
+        A.sample_crops(4, (32, 24), **kw)
 
 
 @pytest.mark.parametrize("kw,err,match", [

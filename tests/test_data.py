@@ -222,6 +222,47 @@ def test_float_indices_refused_not_hung(tmp_path, digits):
         next(eval_batches(path, np.arange(4.0), 4, num_workers=1))
 
 
+@pytest.mark.parametrize("bad", [[0, 24], [24], [-1, 3], [0, 10**7]])
+def test_out_of_range_indices_refused(tmp_path, digits, bad):
+    # ffcv reads past its metadata without a check: [0, 24] of 24 samples returned another sample's
+    # bytes as an image, [0, 10**7] segfaulted
+    from sslops.augment import SSLViews
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 24\)"):
+        next(eval_batches(path, bad, 4, num_workers=1))
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 24\)"):
+        ViewLoader(path, 1, SSLViews(size=8), num_workers=1, seed=0, indices=bad)
+    ims, labs = zip(*eval_batches(path, [0, 23], 4, num_workers=1))  # the ends are fine
+    assert torch.equal(torch.cat(labs), torch.as_tensor(y[[0, 23]]))
+    assert torch.equal(torch.cat(ims).permute(0, 2, 3, 1), torch.as_tensor(x[[0, 23]]))
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 2.5, True])
+def test_bad_batch_size_refused(tmp_path, digits, batch_size):
+    from sslops.augment import SSLViews
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    with pytest.raises(ValueError, match="batch_size"):  # 0 was a ZeroDivisionError inside ffcv
+        next(eval_batches(path, [0, 1], batch_size, num_workers=1))
+    with pytest.raises(ValueError, match="batch_size"):
+        ViewLoader(path, batch_size, SSLViews(size=8), num_workers=1, seed=0)
+
+
+def test_view_loader_needs_ssl_views(tmp_path, digits):
+    from sslops.data import ViewLoader
+
+    x, y = digits
+    path = write_npz_arrays(tmp_path, x, y)
+    for views in (None, lambda images: [images]):
+        with pytest.raises(TypeError, match="views must be an sslops.augment.SSLViews"):
+            ViewLoader(path, 4, views, num_workers=1, seed=0)
+
+
 def write_npz_arrays(tmp_path, x, y):
     from sslops.data import write_arrays
 
@@ -270,3 +311,27 @@ def test_mixed_size_imagefolder_trains_and_evaluates(tmp_path):
     run = tmp_path / "run"
     assert cli.main(["--data", out, "--out", str(run), "--epochs", "1", "--batch-size", "16", "--size", "32",
                      "--threads", "1", "--num-workers", "1", "--no-progress", "--no-plot"]) == 0
+
+
+def test_write_beton_refuses_empty_images(tmp_path):
+    from sslops.data import write_beton
+
+    for shape in ((2, 0, 4, 3), (2, 4, 0, 3)):  # was written; reading it failed in an ffcv assert
+        with pytest.raises(ValueError, match="images must have H, W >= 1"):
+            write_beton(str(tmp_path / "e.beton"), np.zeros(shape, np.uint8), [0, 1])
+    assert not os.listdir(tmp_path)
+
+
+def test_split_indices_checks_its_arguments():
+    from sslops.data import split_indices
+
+    train, val = split_indices(10, 0.3)
+    assert len(val) == 3 and sorted(np.concatenate([train, val]).tolist()) == list(range(10))
+    # these gave an empty training split (or a clamped one) silently
+    for kw, match in ((dict(n=1), "n must be an int >= 2"), (dict(n=0), "n must be"), (dict(n=10.0), "n must be"),
+                      (dict(n=10, val_fraction=1.0), "val_fraction must be in"),
+                      (dict(n=10, val_fraction=-0.5), "val_fraction must be in"),
+                      (dict(n=10, val_fraction=float("nan")), "val_fraction must be in"),
+                      (dict(n=10, max_val=0), "max_val must be an int >= 1")):
+        with pytest.raises(ValueError, match=match):
+            split_indices(**kw)

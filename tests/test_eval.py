@@ -110,7 +110,7 @@ def test_training_checkpoint_is_accepted(data, capsys):
 
 
 @pytest.mark.parametrize("case", ["wrong_arch", "unknown_weights", "missing_ckpt", "missing_data", "not_weights",
-                                  "mode", "arch_name", "epochs_0", "device"])
+                                  "mode", "arch_name", "epochs_0", "device", "threads", "lr_inf", "wd_inf"])
 def test_bad_input_one_line(data, tmp_path, capsys, case):
     enc, beton, extra, word = data["enc"], data["beton"], [], None
     mode = "linear"
@@ -136,6 +136,12 @@ def test_bad_input_one_line(data, tmp_path, capsys, case):
         extra, word = ["--epochs", "0"], "--epochs"
     elif case == "device":
         extra, word = ["--device", "tpu"], "--device"
+    elif case == "threads":  # was a RuntimeError traceback from torch.set_num_threads
+        extra, word = ["--threads", "-1"], "--threads"
+    elif case == "lr_inf":  # was accepted: the head trained on NaN
+        extra, word = ["--lr", "inf"], "--lr"
+    elif case == "wd_inf":
+        extra, word = ["--weight-decay", "inf"], "--weight-decay"
     rc, out = _run(capsys, mode, enc, beton, *extra)
     assert rc == 2 and out.out == ""
     err = out.err.strip().splitlines()

@@ -562,6 +562,15 @@ def test_bad_inputs_random_masking():
         sslops.random_masking(x, 0.5, noise=torch.rand(10))
     with pytest.raises(TypeError, match="generator must be a torch.Generator, got str"):  # was AttributeError
         sslops.random_masking(x, 0.5, generator="abc")
+    # complex noise was a RuntimeError from argsort; bool noise is all ties (an unspecified order)
+    for dtype in (torch.complex64, torch.bool):
+        with pytest.raises(TypeError, match=f"noise must be a real tensor .* got {dtype}"):
+            sslops.random_masking(x, 0.5, noise=torch.ones(2, 5, dtype=dtype))
+    noise = torch.randperm(10, generator=torch.Generator().manual_seed(7)).reshape(2, 5)  # integer noise (no ties) still works
+    got = sslops.random_masking(x, 0.4, noise=noise)
+    want = sslops.random_masking(x, 0.4, noise=noise.double())
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_bad_inputs_restore():
@@ -672,6 +681,9 @@ def test_block_masking_bad_args():
         sslops.block_masking(2, (14, 14), 0.5, kind="ijepa")
     with pytest.raises(TypeError, match="grid must be a pair"):
         sslops.block_masking(2, 14)
+    for grid in ((14.5, 14), (14, 14.0), (True, 14)):  # (14.5, 14) was truncated to (14, 14)
+        with pytest.raises(TypeError, match="grid must be a pair of ints"):
+            sslops.block_masking(2, grid)
     with pytest.raises(ValueError, match="mask_length"):
         sslops.block_masking(2, (14, 14), mask_length=0)
     with pytest.raises(ValueError, match="pred_scale"):

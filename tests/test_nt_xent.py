@@ -463,6 +463,18 @@ BAD_CALLS = [
     (lambda: sslops.NTXentLoss(temperature=0), ValueError, "temperature"),
     (lambda: sslops.NTXentLoss(backend="gpu"), ValueError, "backend"),
     (lambda: sslops.NTXentLoss(0.5, 4096), ValueError, "memory_bank_size"),
+    # truthy non-bools (e.g. the string "False" from a config file) used to switch the flag on
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), normalize="False"), TypeError,
+     "normalize must be a bool, got str"),
+    (lambda: sslops.nt_xent(torch.randn(4, 8), torch.randn(4, 8), gather_distributed=1), TypeError,
+     "gather_distributed must be a bool, got int"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), normalize=None), TypeError,
+     "normalize must be a bool, got NoneType"),
+    (lambda: sslops.info_nce(torch.randn(4, 8), torch.randn(4, 8), gather_distributed="no"), TypeError,
+     "gather_distributed must be a bool, got str"),
+    (lambda: sslops.NTXentLoss(0.5, gather_distributed="yes"), TypeError, "gather_distributed must be a bool"),
+    (lambda: sslops.NTXentLoss(0.5, normalize="False"), TypeError, "normalize must be a bool"),
+    (lambda: sslops.InfoNCELoss(0.5, normalize="False"), TypeError, "normalize must be a bool"),
 ]
 
 
@@ -749,3 +761,17 @@ def test_nan_and_inf_propagate_like_the_reference(backend):
     kw = dict(temperature=0.5, normalize=False, reduction="none")
     _same_special_values(sslops.nt_xent(z1, z2, backend=backend, **kw),
                          sslops.nt_xent(z1, z2, backend="reference", **kw), "nt_xent +inf logits")
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_tensors_give_shapes(backend):
+    # auto picks reference on meta; its boolean-index exclusion was a NotImplementedError there (nonzero)
+    m = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    z1 = m(5, 8).requires_grad_()
+    loss = sslops.nt_xent(z1, m(5, 8), backend=backend)
+    assert loss.device.type == "meta" and loss.shape == ()
+    loss.backward()
+    assert z1.grad.shape == (5, 8) and z1.grad.device.type == "meta"
+    assert sslops.nt_xent(m(5, 8), m(5, 8), reduction="none", backend=backend).shape == (10,)
+    assert sslops.info_nce(m(5, 8), m(5, 8), reduction="none", backend=backend).shape == (5,)
+    assert sslops.info_nce(m(5, 8), m(5, 8), m(7, 8), reduction="none", backend=backend).shape == (5,)

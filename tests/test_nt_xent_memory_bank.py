@@ -129,3 +129,13 @@ def test_bank_width_differs_from_embeddings():
     m = sslops.NTXentLoss(memory_bank_size=(K, D))
     with pytest.raises(ValueError, match=r"memory_bank_size=\(16, 8\).*D = 5"):
         m(torch.randn(4, 5), torch.randn(4, 5))
+
+
+def test_bank_refuses_non_tensors():
+    m = sslops.NTXentLoss(memory_bank_size=(K, D))
+    bank = m.memory_bank.bank.clone()
+    with pytest.raises(TypeError, match="out0 must be a torch.Tensor, got list"):  # was an AttributeError
+        m([[0.0] * D] * 4, torch.randn(4, D))
+    with pytest.raises(TypeError, match="out1 must be a torch.Tensor, got ndarray"):
+        m(torch.randn(4, D, requires_grad=True), torch.randn(4, D).numpy())
+    assert torch.equal(m.memory_bank.bank, bank) and int(m.memory_bank.bank_ptr) == 0  # nothing pushed

@@ -111,8 +111,19 @@ def test_no_decay_groups_hold_bias_and_norm():
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
 
 
+# values that used to be accepted: a negative --clip-grad flipped every gradient, a negative or nan
+# --weight-decay went into the optimizer, --warmup-epochs nan failed with "cannot convert float NaN to
+# integer", --temperature 0 failed only at the first step, --lr inf trained on NaN, --threads -1 was a
+# RuntimeError traceback, a negative --knn-bank dropped bank images silently
+BAD_VALUES = {"clip_grad": ["--clip-grad", "-1"], "weight_decay": ["--weight-decay", "-0.1"],
+              "warmup_nan": ["--warmup-epochs", "nan"], "temperature": ["--temperature", "0"],
+              "lr_inf": ["--lr", "inf"], "threads": ["--threads", "-1"], "knn_bank": ["--knn-bank", "-5"]}
+
+
 @pytest.mark.parametrize("case", ["missing", "out_is_file", "arch", "method", "resume_nothing", "not_empty",
-                                  "resume_other_arch", "resume_other_method", "resume_corrupt", "precision"])
+                                  "resume_other_arch", "resume_other_method", "resume_corrupt", "precision",
+                                  "clip_grad", "weight_decay", "warmup_nan", "temperature", "lr_inf", "threads",
+                                  "knn_bank"])
 def test_bad_input_one_line(beton, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = _args(beton, out)
@@ -142,6 +153,8 @@ def test_bad_input_one_line(beton, tmp_path, capsys, case):
         args += ["--resume"]
     elif case == "precision":
         args += ["--precision", "fp16"]  # needs a GPU
+    elif case in BAD_VALUES:
+        args += BAD_VALUES[case]
     before = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.is_dir() else None
     assert cli.main(args) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -152,6 +165,9 @@ def test_bad_input_one_line(beton, tmp_path, capsys, case):
         assert {f: (out / f).read_bytes() for f in os.listdir(out) if f in before} == before
     if case.startswith("resume_other"):
         assert ("arch" if case == "resume_other_arch" else "method") in err[0]
+    if case in BAD_VALUES:  # refused before any work, naming the option
+        assert BAD_VALUES[case][0] in err[0], err
+        assert not out.exists()
 
 
 def test_corrupt_beton_subprocess(tmp_path):

@@ -89,6 +89,9 @@ class AugmentParams:
     def __getitem__(self, index) -> "AugmentParams":
         """Rows ``index`` of every field (an int keeps a batch of one)."""
         if isinstance(index, int):
+            n = len(self)
+            if not -n <= index < n:  # the slice below would give an empty batch silently
+                raise IndexError(f"index {index} is out of range for AugmentParams of batch size {n}")
             index = slice(index, index + 1 if index != -1 else None)
         return AugmentParams(*(t[index] for t in self.tensors()))
 
@@ -169,6 +172,19 @@ class AugmentParams:
 # ----------------------------------------------------------------------------
 # Recipes
 # ----------------------------------------------------------------------------
+def _check_pair(value, name: str, lo: float, hi: float, lo_open: bool = False) -> Tuple[float, float]:
+    """A (min, max) range with lo <= (or <) min <= max <= hi, both finite."""
+    try:
+        a, b = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair of numbers (min, max), got {value!r}") from None
+    ok = (lo < a if lo_open else lo <= a) and a <= b <= hi and math.isfinite(b)
+    if not ok:
+        bound = f"{lo} {'<' if lo_open else '<='} min <= max <= {hi}"
+        raise ValueError(f"{name} must satisfy {bound}, got {value!r}")
+    return a, b
+
+
 @dataclasses.dataclass(frozen=True)
 class Recipe:
     """Probabilities and ranges of a recipe; per-view entries are (view 0, view 1)."""
@@ -186,15 +202,7 @@ class Recipe:
     def __post_init__(self):
         """Check every field when the recipe is made, not when it is first sampled."""
         def pair(name, lo, hi, lo_open=False):
-            value = getattr(self, name)
-            try:
-                a, b = (float(v) for v in value)
-            except (TypeError, ValueError):
-                raise TypeError(f"Recipe.{name} must be a pair of numbers (min, max), got {value!r}") from None
-            ok = (lo < a if lo_open else lo <= a) and a <= b <= hi and math.isfinite(b)
-            if not ok:
-                bound = f"{lo} {'<' if lo_open else '<='} min <= max <= {hi}"
-                raise ValueError(f"Recipe.{name} must satisfy {bound}, got {value!r}")
+            _check_pair(getattr(self, name), f"Recipe.{name}", lo, hi, lo_open)
 
         def prob(name, value):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
@@ -266,6 +274,9 @@ def sample_crops(batch_size: int, image_size, scale=(0.08, 1.0), ratio=(3.0 / 4.
     torchvision's fallback (a centre crop clipped to the ratio range)."""
     b = _batch_size(batch_size)
     h, w = _image_size(image_size)
+    # unchecked, a reversed, negative or NaN range gave crops silently and a 1-tuple an IndexError
+    scale = _check_pair(scale, "scale", 0.0, math.inf, lo_open=True)
+    ratio = _check_pair(ratio, "ratio", 0.0, math.inf, lo_open=True)
     tries = 10
     area = float(h * w)
     log_r = (math.log(ratio[0]), math.log(ratio[1]))

@@ -33,6 +33,8 @@ def _check_arrays(images, labels):
         raise ValueError(f"labels must be N={len(images)} integers, got shape {labels.shape} dtype {labels.dtype}")
     if len(images) == 0:
         raise ValueError("images must hold at least one image")
+    if images.shape[1] == 0 or images.shape[2] == 0:  # was written, as images ffcv cannot decode
+        raise ValueError(f"images must have H, W >= 1, got shape {images.shape}")
     return labels.astype(np.int64)
 
 

@@ -10,6 +10,7 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 from typing import Iterator, Optional, Sequence, Tuple
 
@@ -73,6 +74,8 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
 
     if not os.path.isfile(path):
         raise BetonError(f"--data {path}: no such file")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if indices is not None:
         # float indices (np.arange(reader.num_samples) is float64: num_samples is a uint64) kill
         # ffcv's numba decoder thread and the main thread then waits forever: refuse them
@@ -80,6 +83,11 @@ def _open_loader(path, batch_size, num_workers, order, seed, indices, device, dr
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise ValueError(f"indices must be a 1-d sequence of integers, got shape {arr.shape} dtype {arr.dtype}")
         indices = arr.astype(np.int64)
+        # ffcv does not bounds-check indices: one past the end reads another sample's bytes, a far one segfaults
+        n = _num_samples(path)
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            bad = int(indices.min()) if indices.min() < 0 else int(indices.max())
+            raise ValueError(f"indices must be in [0, {n}) for the {n} samples of {path}, got {bad}")
     try:
         return Loader(path, batch_size=batch_size, num_workers=num_workers,
                       order=OrderOption.RANDOM if order == "random" else OrderOption.SEQUENTIAL,
@@ -101,6 +109,17 @@ def _decode_size(path, decode_size):
     if constant_image_size(path) is None:
         raise BetonError(f"--data {path}: images of mixed sizes need a decode_size (center square resized to it)")
     return None
+
+
+def _num_samples(path: str) -> int:
+    """Number of samples in a .beton (reads only the header)."""
+    with keep_torch_threads():
+        from ffcv.reader import Reader
+
+    try:
+        return int(Reader(path).num_samples)
+    except Exception as e:
+        raise BetonError(f"--data {path}: not a readable .beton ({type(e).__name__})") from None
 
 
 def beton_length(path: str) -> int:
@@ -125,6 +144,13 @@ def beton_length(path: str) -> int:
 
 def split_indices(n: int, val_fraction: float = 0.2, max_val: int = 1000) -> Tuple[np.ndarray, np.ndarray]:
     """A fixed (seed-independent) train / held-out split of ``range(n)``, both sorted."""
+    # unchecked, n < 2 gave an empty train split and val_fraction >= 1 an empty one silently
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 2:
+        raise ValueError(f"n must be an int >= 2 (one training and one held-out sample), got {n!r}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, numbers.Real) or not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+    if isinstance(max_val, bool) or not isinstance(max_val, numbers.Integral) or max_val < 1:
+        raise ValueError(f"max_val must be an int >= 1, got {max_val!r}")
     perm = np.random.default_rng(0).permutation(n)
     n_val = max(1, min(max_val, int(n * val_fraction)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
@@ -154,6 +180,10 @@ class ViewLoader:
     def __init__(self, path: str, batch_size: int, views, *, num_workers: int, seed: int,
                  indices: Optional[Sequence[int]] = None, device="cpu", distributed: bool = False,
                  decode_size: Optional[int] = None):
+        from ..augment import SSLViews
+
+        if not isinstance(views, SSLViews):  # was an AttributeError ('generator') at the first step
+            raise TypeError(f"views must be an sslops.augment.SSLViews, got {type(views).__name__}")
         self.views, self.seed, self.device = views, int(seed), torch.device(device)
         self.rank, self.world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed \
             else (0, 1)

@@ -17,6 +17,12 @@ def _additive_mask(attn_mask: Optional[Tensor], is_causal: bool, n: int, like: T
         return like.new_full((n, n), float("-inf")).triu_(1)
     if attn_mask is None:
         return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        # SDPA's rule; an integer 0/1 mask was silently added as a bias (a no-op mask)
+        raise TypeError(f"attn_mask must be bool (True = attend) or floating (added to the scores), "
+                        f"got {attn_mask.dtype}")
     if attn_mask.dtype == torch.bool:
         return torch.zeros_like(attn_mask, dtype=like.dtype).masked_fill_(~attn_mask, float("-inf"))
     return attn_mask
@@ -60,6 +66,10 @@ class Attention(nn.Module):
     ) -> None:
         super().__init__()
         dd = {"device": device, "dtype": dtype}
+        _checks.integer(dim, "dim", 1)
+        _checks.integer(num_heads, "num_heads", 1)
+        if attn_head_dim is not None:
+            _checks.integer(attn_head_dim, "attn_head_dim", 1)
         dim_out = dim_out or dim
         head_dim = attn_head_dim
         if head_dim is None:
@@ -107,12 +117,16 @@ class Attention(nn.Module):
         new.train(module.training)
         return new
 
-    def _fused(self, attn_mask: Optional[Tensor], need_weights: bool) -> bool:
+    def _fused(self, attn_mask: Optional[Tensor], need_weights: bool, x: Tensor) -> bool:
         dropout = self.training and self.attn_drop.p > 0
-        return self.fused_attn and attn_mask is None and not need_weights and not dropout
+        empty = x.shape[0] == 0 or x.shape[1] == 0  # the kernels refuse empty inputs; timm returns empty
+        return self.fused_attn and attn_mask is None and not need_weights and not dropout and not empty
 
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
                 need_weights: bool = False):
+        _checks.tensor(x, "x", ndim=3)
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
@@ -120,8 +134,8 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D), no copies
         weights = None
-        if self._fused(attn_mask, need_weights):
-            x = attention(q, k, v, scale=self.scale, causal=bool(is_causal), backend=self.backend)
+        if self._fused(attn_mask, need_weights, x):
+            x = attention(q, k, v, scale=self.scale, causal=is_causal, backend=self.backend)
         else:  # timm's explicit path
             attn = (q * self.scale) @ k.transpose(-2, -1)
             bias = _additive_mask(attn_mask, is_causal, N, attn)
@@ -158,6 +172,8 @@ def patch_timm(model: nn.Module, backend: str = "auto", strict: bool = True) -> 
         from timm.models.vision_transformer import Attention as TimmAttention
     except ImportError as exc:
         raise ImportError("patch_timm needs timm (pip install timm)") from exc
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     _checks.choice(backend, "backend", _backend.BACKENDS)
     swapped = 0
     for parent in list(model.modules()):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -82,8 +83,17 @@ def _check(cfg) -> None:
         raise ValueError(f"--batch-size must be >= 2 (contrastive negatives), got {cfg.batch_size}")
     if not 0 < cfg.crop_min <= 1:
         raise ValueError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
-    if not cfg.lr > 0:
-        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0 < cfg.lr < math.inf:
+        raise ValueError(f"--lr must be finite and > 0, got {cfg.lr}")
+    if cfg.method == "simclr" and not 0 < cfg.temperature < math.inf:
+        raise ValueError(f"--temperature must be finite and > 0, got {cfg.temperature}")
+    # a negative --clip-grad flipped every gradient (clip_grad_norm_ scales by max_norm / norm)
+    for name in ("weight_decay", "warmup_epochs", "clip_grad"):
+        if not 0 <= getattr(cfg, name) < math.inf:
+            raise ValueError(f"--{name.replace('_', '-')} must be finite and >= 0, got {getattr(cfg, name)}")
+    for name in ("knn_every", "knn_bank", "threads"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if os.path.exists(cfg.out) and not os.path.isdir(cfg.out):
         raise ValueError(f"--out {cfg.out} is a file, not a directory")
     ckpt = os.path.join(cfg.out, "checkpoint.pt")

@@ -71,10 +71,12 @@ def _check(cfg) -> None:
         if getattr(cfg, name) < 1:
             raise EvalError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("lr", "temperature"):
-        if not getattr(cfg, name) > 0:
-            raise EvalError(f"--{name} must be > 0, got {getattr(cfg, name)}")
-    if not cfg.weight_decay >= 0:
-        raise EvalError(f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+        if not 0 < getattr(cfg, name) < math.inf:
+            raise EvalError(f"--{name} must be finite and > 0, got {getattr(cfg, name)}")
+    if not 0 <= cfg.weight_decay < math.inf:
+        raise EvalError(f"--weight-decay must be finite and >= 0, got {cfg.weight_decay}")
+    if cfg.threads < 0:  # torch.set_num_threads(-1) was a RuntimeError traceback
+        raise EvalError(f"--threads must be >= 0, got {cfg.threads}")
     if not os.path.isfile(cfg.checkpoint):
         raise EvalError(f"--checkpoint {cfg.checkpoint}: no such file")
     for name in ("data", "val_data"):
