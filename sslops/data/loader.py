@@ -111,30 +111,28 @@ def _decode_size(path, decode_size):
     return None
 
 
-def _num_samples(path: str) -> int:
-    """Number of samples in a .beton (reads only the header)."""
+def _reader(path: str):
+    """ffcv's Reader of a .beton (reads only the header); BetonError when it cannot."""
     with keep_torch_threads():
         from ffcv.reader import Reader
 
     try:
-        return int(Reader(path).num_samples)
+        return Reader(path)
     except Exception as e:
         raise BetonError(f"--data {path}: not a readable .beton ({type(e).__name__})") from None
+
+
+def _num_samples(path: str) -> int:
+    return int(_reader(path).num_samples)
 
 
 def beton_length(path: str) -> int:
     """Number of samples in a .beton (reads only the header)."""
-    with keep_torch_threads():
-        from ffcv.reader import Reader
-
     if not os.path.isfile(path):
         raise BetonError(f"--data {path}: no such file")
-    try:
-        reader = Reader(path)
-        names = set(reader.handlers.keys()) if hasattr(reader, "handlers") else set()
-        n = int(reader.num_samples)
-    except Exception as e:
-        raise BetonError(f"--data {path}: not a readable .beton ({type(e).__name__})") from None
+    reader = _reader(path)
+    names = set(reader.handlers.keys()) if hasattr(reader, "handlers") else set()
+    n = int(reader.num_samples)
     if names and not {"image", "label"} <= names:
         raise BetonError(f"--data {path}: needs 'image' and 'label' fields, has {sorted(names)}")
     if n < 2:
