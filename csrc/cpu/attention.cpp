@@ -34,30 +34,22 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <limits>
 #include <string>
 #include <vector>
 
 #include "common/attention.h"
+#include "cpu/blas.h"
 #include "cpu/isa.h"
 #include "common/attention_host.h"
 #include "common/output.h"
 #include "cpu/attention_rows.h"
-
-// Fortran BLAS of the MKL/OpenBLAS that libtorch_cpu links and exports (weak:
-// null when the library does not, then at::addmm_out is used instead).
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
 
 namespace sslops {
 namespace {
 
 namespace am = ::sslops::attention;
 using attention_cpu::RowOps;
+using cpu_blas::gemm;
 
 // Tile sizes.  A forward task holds a (kQBlock x kKvTile) score tile; the
 // backward, two of (kQBlockBwd x kKvTileBwd).  With D = 64 fp32 both stay
@@ -82,7 +74,6 @@ inline int64_t even_block(int64_t n, int64_t cap) {
 }
 
 // ---------------------------------------------------------------- ISA choice
-using cpu_isa::env_is;
 
 template <typename T>
 const RowOps<T>& row_ops() {
@@ -103,55 +94,6 @@ const RowOps<T>& row_ops() {
     return tables.d[level];
   }
 }
-
-// ---------------------------------------------------------------- GEMM
-// Row-major C (m x n, ldc) = alpha * op(A) op(B) + beta * C, with op(A) m x k
-// (A stored k x m when ta) and op(B) k x n (B stored n x k when tb).  beta = 0
-// never reads C.  Leading dimensions are row strides in elements (unit stride
-// along rows).
-template <typename T>
-struct Gemm {
-  bool blas;
-  Gemm() {
-    const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-    blas = have && !env_is("SSLOPS_CPU_BLAS", "aten");
-  }
-
-  void operator()(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-                  int64_t ldb, T beta, T* c, int64_t ldc) const {
-    if (m == 0 || n == 0) return;
-    if (k == 0) {  // C = beta * C
-      for (int64_t i = 0; i < m; ++i)
-        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-      return;
-    }
-    // BLAS wants each leading dimension >= the stored row length even when
-    // there is a single row (whose stride is then arbitrary).
-    const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k;
-    const int64_t b_rows = tb ? n : k, b_cols = tb ? k : n;
-    if (a_rows == 1) lda = std::max(lda, a_cols);
-    if (b_rows == 1) ldb = std::max(ldb, b_cols);
-    if (m == 1) ldc = std::max(ldc, n);
-    const int64_t big = std::numeric_limits<int>::max();
-    if (blas && std::max({m, n, k, lda, ldb, ldc}) <= big) {
-      // Column-major view: C^T (n x m) = op(B)^T op(A)^T.
-      const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
-      const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-      const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
-      if constexpr (std::is_same_v<T, float>) {
-        sgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-      } else {
-        dgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-      }
-      return;
-    }
-    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-    auto A = at::from_blob(const_cast<T*>(a), {m, k}, ta ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1}, opts);
-    auto B = at::from_blob(const_cast<T*>(b), {k, n}, tb ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1}, opts);
-    auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-    at::addmm_out(C, C, A, B, beta, alpha);
-  }
-};
 
 // ---------------------------------------------------------------- problem layout
 // Pointers of one (sequence, head) pair: a row-major (L, D) matrix per tensor
@@ -267,7 +209,6 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   if (causal || lq.varlen) heaviest_first(tasks);
 
   const RowOps<T>& ops = row_ops<T>();
-  const Gemm<T> gemm;
   run_tasks(static_cast<int64_t>(tasks.size()), [&] {
     // per-thread workspace
     return [&, ws = std::vector<T>(kQBlock * kKvTile + 4 * kQBlock),
@@ -365,7 +306,6 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   std::vector<T> partial(static_cast<size_t>(partial_base[dims.batch] * D));
 
   const RowOps<T>& ops = row_ops<T>();
-  const Gemm<T> gemm;
   run_tasks(static_cast<int64_t>(tasks.size()), [&] {
     return [&, ws = std::vector<T>(2 * kQBlockBwd * kKvTileBwd + max_lq + 8),
             valid = std::vector<int64_t>(kQBlockBwd),

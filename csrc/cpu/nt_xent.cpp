@@ -41,14 +41,10 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <exception>
 #include <limits>
-#include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -58,17 +54,10 @@
 
 #include "common/checks.h"
 #include "common/nt_xent.h"
+#include "cpu/blas.h"
+#include "cpu/sym_plan.h"
 #include "cpu/isa.h"
 #include "common/output.h"
-
-// Fortran BLAS of the MKL/OpenBLAS that libtorch_cpu links and exports (weak:
-// null when the library does not, then at::addmm_out is used instead).
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
-            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
-            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-}
 
 namespace sslops {
 
@@ -519,7 +508,6 @@ std::tuple<at::Tensor, at::Tensor> nt_xent_lse_backward_cpu(const at::Tensor& gr
 }
 
 // ---------------------------------------------------------------- symmetric case
-using cpu_isa::env_is;
 
 template <typename T>
 const SymTileOps<T>& sym_tile_ops() {
@@ -545,139 +533,9 @@ const SymTileOps<T>& sym_tile_ops() {
   }
 }
 
-// Row-major C (m x n, ldc) = alpha * A op(B) + beta * C, or alpha * A^T op(B) +
-// beta C when ta (A stored k x m); op(B) = B^T when tb (B stored n x k).
-// beta = 0 never reads C.  Leading dimensions are row strides in elements.
-template <typename T>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
-          int64_t ldb, T beta, T* c, int64_t ldc) {
-  const int64_t a_rows = ta ? k : m, a_cols = ta ? m : k;
-  const int64_t b_rows = tb ? n : k, b_cols = tb ? k : n;
-  // BLAS wants each leading dimension >= the stored row length even for one row.
-  if (a_rows == 1) lda = std::max(lda, a_cols);
-  if (b_rows == 1) ldb = std::max(ldb, b_cols);
-  if (m == 1) ldc = std::max(ldc, n);
-  const bool have = std::is_same_v<T, float> ? sgemm_ != nullptr : dgemm_ != nullptr;
-  const int64_t big = std::numeric_limits<int>::max();
-  if (have && !env_is("SSLOPS_CPU_BLAS", "aten") && std::max({m, n, k, lda, ldb, ldc}) <= big) {
-    // Column-major view: C^T (n x m) = op(B)^T op(A)^T.
-    const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
-    const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
-    const int LDA = static_cast<int>(ldb), LDB = static_cast<int>(lda), LDC = static_cast<int>(ldc);
-    if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-    } else {
-      dgemm_(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
-    }
-    return;
-  }
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  auto A = at::from_blob(const_cast<T*>(a), {m, k}, ta ? at::IntArrayRef{1, lda} : at::IntArrayRef{lda, 1}, opts);
-  auto B = at::from_blob(const_cast<T*>(b), {k, n}, tb ? at::IntArrayRef{1, ldb} : at::IntArrayRef{ldb, 1}, opts);
-  auto C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
-  if (beta == T(0)) C.zero_();  // addmm would read C (0 * NaN)
-  at::addmm_out(C, C, A, B, beta, alpha);
-}
+using cpu_blas::gemm;
 
-constexpr int64_t kSymTile = 256;
-
-// z's M rows cut into B blocks of bs rows (the last may be shorter) and the
-// tiles (I, J), I <= J, in rounds: round 0 the B diagonal tiles, then the
-// B' - 1 rounds of the circle method (B' = B rounded up to even), each pairing
-// every block with one other (a block paired with the dummy block B sits out).
-// bs depends on M only -- never on the thread count -- and aims at >= 8 blocks
-// (rounds of >= 4 tiles) down to blocks of 64 rows.
-struct SymPlan {
-  struct Tile {
-    int64_t I, J;
-    int64_t pos_I, pos_J;  // how many earlier tiles hold block I (J)
-  };
-  int64_t M = 0, bs = 1, B = 0, ld = 0;
-  std::vector<Tile> tiles;  // round by round
-
-  explicit SymPlan(int64_t m, int64_t lanes) : M(m) {
-    const int64_t cap = std::min<int64_t>(kSymTile, std::max<int64_t>(64, ceil_div(M, 8)));
-    B = ceil_div(M, cap);
-    bs = ceil_div(M, B);  // equal blocks: 1026 -> 7 x 129 + 123 (not 8 x 128 + 2)
-    B = ceil_div(M, bs);
-    ld = ceil_div(bs, lanes) * lanes;
-    std::vector<int64_t> seen(B, 0);
-    auto add = [&](int64_t i, int64_t j) {
-      tiles.push_back({i, j, seen[i], seen[j]});
-      ++seen[i];
-      if (j != i) ++seen[j];
-    };
-    for (int64_t i = 0; i < B; ++i) add(i, i);
-    const int64_t Bp = B + (B & 1);
-    for (int64_t r = 0; r + 1 < Bp; ++r) {
-      for (int64_t k = 0; k < Bp / 2; ++k) {
-        const int64_t a = k == 0 ? Bp - 1 : (r + k) % (Bp - 1);
-        const int64_t b = k == 0 ? r : (r - k + Bp - 1) % (Bp - 1);
-        if (a < B && b < B) add(std::min(a, b), std::max(a, b));
-      }
-    }
-  }
-  int64_t row0(int64_t blk) const { return blk * bs; }
-  int64_t rows(int64_t blk) const { return std::min(bs, M - blk * bs); }
-
-  // Runs fn(I, J, thread) on every tile.  A tile is ready once every earlier
-  // tile of its two blocks has finished; each thread takes the first ready tile
-  // among the next kLookahead untaken ones (so a thread that the OS preempts in
-  // a tile holds up only the tiles that need its blocks, and nobody waits while
-  // holding a tile).  Each block's tiles thus run one at a time, in the plan's
-  // order, whichever thread runs them.
-  template <typename F>
-  void run(const F& fn) const {
-    constexpr int64_t kLookahead = 256;
-    const int64_t n = static_cast<int64_t>(tiles.size());
-    std::vector<std::atomic<int64_t>> done(B);  // finished tiles per block
-    for (auto& d : done) d.store(0, std::memory_order_relaxed);
-    std::vector<std::atomic<bool>> taken(n);
-    for (auto& t : taken) t.store(false, std::memory_order_relaxed);
-    std::atomic<int64_t> low{0};  // every tile below it is taken
-    std::atomic<bool> failed{false};
-    std::exception_ptr error;
-    std::mutex error_mutex;
-    auto ready = [&](const Tile& tile) {
-      return done[tile.I].load(std::memory_order_acquire) >= tile.pos_I &&
-             done[tile.J].load(std::memory_order_acquire) >= tile.pos_J;
-    };
-    const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-    at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-      for (;;) {
-        if (failed.load(std::memory_order_relaxed)) return;
-        const int64_t t0 = low.load(std::memory_order_acquire);
-        if (t0 >= n) return;
-        int64_t pick = -1;
-        for (int64_t t = t0; t < std::min(n, t0 + kLookahead) && pick < 0; ++t) {
-          bool expected = false;
-          if (!taken[t].load(std::memory_order_relaxed) && ready(tiles[t]) &&
-              taken[t].compare_exchange_strong(expected, true))
-            pick = t;
-        }
-        if (pick < 0) {  // the lowest untaken tile waits for a running one
-          std::this_thread::yield();
-          continue;
-        }
-        for (int64_t lw = low.load(); lw < n && taken[lw].load();)
-          if (low.compare_exchange_weak(lw, lw + 1)) ++lw;
-        const Tile& tile = tiles[pick];
-        try {
-          fn(tile.I, tile.J, at::get_thread_num());
-        } catch (...) {
-          std::lock_guard<std::mutex> lock(error_mutex);
-          if (!error) error = std::current_exception();
-          failed.store(true);
-          return;
-        }
-        done[tile.I].fetch_add(1, std::memory_order_release);
-        if (tile.J != tile.I) done[tile.J].fetch_add(1, std::memory_order_release);
-      }
-    });
-    if (error) std::rethrow_exception(error);
-  }
-};
+using cpu_sym::SymPlan;
 
 // A diagonal tile's lower triangle <- its upper triangle.  The BLAS need not
 // round <z_i, z_j> and <z_j, z_i> alike; with this every logit has one value,

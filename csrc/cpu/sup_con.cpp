@@ -4,13 +4,13 @@
 //
 // The (N, N) logits are never built.  As in nt_xent.cpp's symmetric kernels,
 // the logits x_ij = x_ji and the positive mask (labels_i == labels_j) are
-// symmetric: z's rows are cut into blocks (SymRounds) and each tile (I, J),
-// I <= J, is computed once (one BLAS product, at::mm_out into a per-thread
-// buffer that stays in L2) for the row statistics of block I (its row sums)
-// and those of block J (its column sums); a diagonal tile uses its strict
-// upper triangle only.  The tiles run in rounds whose tiles share no block, in
-// parallel (at::parallel_for per round), writing the rows' state in place: no
-// atomics, and every row's summation order is fixed by N alone.
+// symmetric: z's rows are cut into blocks and each tile (I, J), I <= J, is
+// computed once (one BLAS product, at::mm_out into a per-thread buffer that
+// stays in L2) for the row statistics of block I (its row sums) and those of
+// block J (its column sums); a diagonal tile uses its strict upper triangle
+// only.  The tiles run in parallel on nt_xent's schedule (csrc/cpu/sym_plan.h:
+// each block's tiles one at a time, in a fixed order), writing the rows' state
+// in place: no atomics, and every row's summation order is fixed by N alone.
 //   forward   one exponential per logit (ATen's vectorised exp over the tile)
 //             with one shift for the tile, shared by the candidates and the
 //             positives: the bound inv_temp |z|_max,I |z|_max,J when the
@@ -22,7 +22,7 @@
 //   backward  one exponential per logit, exp(x - s) with s the rows' smallest
 //             lse (see stats_backward), then grad_I += U z_J, grad_J += U^T z_I
 //             for the tile's part U of W + W^T.
-// Extra memory: O(threads * kBlock^2) on top of the outputs.
+// Extra memory: O(threads * kSymTile^2) on top of the outputs.
 //
 // The per-row loops over a tile (the label compares, maxima, sums and the
 // gradient weights: csrc/cpu/sup_con_rows.inc) are built for the baseline ISA,
@@ -48,6 +48,7 @@
 #include "common/output.h"
 #include "common/sup_con.h"
 #include "cpu/isa.h"
+#include "cpu/sym_plan.h"
 
 // No contraction of a * b + c into an FMA: the logits x * inv_temp must round
 // alike in every loop and in the forward and the backward, or a nearly one-hot
@@ -59,10 +60,8 @@ namespace {
 
 using nt_xent::neg_inf;
 
-constexpr int64_t kBlock = 256;  // rows per block of the symmetric tiles, at most
 constexpr int64_t kVecs = 12;    // per-thread vectors of a block's length next to the tile (TileStats)
 
-inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // z (N, D) float32/float64 on the CPU, labels (N,) int64 there, inv_temp > 0.
 void check_inputs(const at::Tensor& z, const at::Tensor& labels, double inv_temp, const char* op) {
@@ -143,37 +142,17 @@ at::Tensor label_ids(const at::Tensor& labels) {
   return std::get<1>(at::_unique(labels, /*sorted=*/false, /*return_inverse=*/true)).to(at::kInt).contiguous();
 }
 
-// z's N rows cut into nb blocks of bs rows (the last may be shorter) and the
-// tiles (I, J), I <= J, of the symmetric logits in rounds: first the nb
-// diagonal tiles, then the rounds of a round-robin tournament over the blocks
-// (circle method, nb rounded up to even with a block that sits out), so that
-// the tiles of one round share no block and run in parallel, each writing its
-// two blocks' rows in place.  bs depends on N only, never on the thread count,
-// so every row's accumulation order (round by round) is fixed.
+// z's N rows in blocks and the tiles (I, J), I <= J, of the symmetric logits:
+// the schedule of nt_xent's symmetric kernels (cpu_sym::SymPlan), whose
+// runner gives each block's tiles one at a time in a fixed order, so every
+// row's accumulation order is fixed by N alone (never by the thread count).
 struct SymRounds {
+  cpu_sym::SymPlan plan;
   int64_t N, bs, nb, ld;
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> rounds;
 
-  explicit SymRounds(int64_t n) : N(n) {
-    const int64_t cap = std::min<int64_t>(kBlock, std::max<int64_t>(64, ceil_div(n, 8)));  // >= 8 blocks if it can
-    nb = ceil_div(n, cap);
-    bs = ceil_div(n, nb);
-    nb = ceil_div(n, bs);
-    ld = ceil_div(bs, 16) * 16;
-    rounds.emplace_back();
-    for (int64_t b = 0; b < nb; ++b) rounds.back().emplace_back(b, b);
-    const int64_t even = nb + (nb & 1), ring = even - 1;
-    for (int64_t r = 0; r < ring; ++r) {  // block `ring` meets r, r + k meets r - k (mod ring)
-      std::vector<std::pair<int64_t, int64_t>> tiles;
-      for (int64_t k = 0; k < even / 2; ++k) {
-        const int64_t a = k == 0 ? ring : (r + k) % ring, b = (r - k + ring) % ring;
-        if (a < nb && b < nb) tiles.emplace_back(std::min(a, b), std::max(a, b));
-      }
-      rounds.push_back(std::move(tiles));
-    }
-  }
-  int64_t row0(int64_t b) const { return b * bs; }
-  int64_t rows(int64_t b) const { return std::min(bs, N - b * bs); }
+  explicit SymRounds(int64_t n) : plan(n, 16), N(n), bs(plan.bs), nb(plan.B), ld(plan.ld) {}
+  int64_t row0(int64_t b) const { return plan.row0(b); }
+  int64_t rows(int64_t b) const { return plan.rows(b); }
 
   // One tile: blocks I <= J, rows [r0, r0 + rn) and columns [c0, c0 + cn), x
   // (rn x cn, row stride ld) a thread's buffer holding <z_i, z_j>.
@@ -183,24 +162,20 @@ struct SymRounds {
     at::Tensor x;
   };
 
-  // fn(tile, scratch) on every tile, round by round, with x filled (one BLAS
-  // product) and scratch the thread's kVecs * ld elements next to it.
+  // fn(tile, scratch) on every tile with x filled (one BLAS product) and
+  // scratch the thread's kVecs * ld elements next to it.
   template <typename T, typename F>
   void run(const at::Tensor& z, const F& fn) const {
     const int64_t per = bs * ld + kVecs * ld;
     auto buf = at::empty({std::max(1, at::get_num_threads()) * per}, z.options());
-    for (const auto& tiles : rounds)
-      at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t t0, int64_t t1) {
-        at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
-        const int64_t off = at::get_thread_num() * per;
-        for (int64_t t = t0; t < t1; ++t) {
-          const auto [I, J] = tiles[t];
-          Tile tile{I, J, row0(I), rows(I), row0(J), rows(J), I == J,
-                    buf.as_strided({rows(I), rows(J)}, {ld, 1}, buf.storage_offset() + off)};
-          at::mm_out(tile.x, z.narrow(0, tile.r0, tile.rn), z.narrow(0, tile.c0, tile.cn).t());
-          fn(tile, buf.data_ptr<T>() + off + bs * ld);
-        }
-      });
+    plan.run([&](int64_t I, int64_t J, int thread) {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;  // worker threads do not inherit it
+      const int64_t off = thread * per;
+      Tile tile{I, J, row0(I), rows(I), row0(J), rows(J), I == J,
+                buf.as_strided({rows(I), rows(J)}, {ld, 1}, buf.storage_offset() + off)};
+      at::mm_out(tile.x, z.narrow(0, tile.r0, tile.rn), z.narrow(0, tile.c0, tile.cn).t());
+      fn(tile, buf.data_ptr<T>() + off + bs * ld);
+    });
   }
 };
 
