@@ -151,9 +151,7 @@ def _scale(scale, head_dim: int) -> float:
 
 
 def _causal(causal) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return causal
+    return _checks.boolean(causal, "causal")
 
 
 def _check_dense(q: Tensor, k: Tensor, v: Tensor) -> None:

@@ -526,10 +526,8 @@ def sup_con(
     base = T if base_temperature is None else _checks.temperature(base_temperature, "base_temperature")
     _checks.choice(positives, "positives", POSITIVES)
     _checks.choice(reduction, "reduction", REDUCTIONS)
-    if not isinstance(normalize, bool):
-        raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-    if not isinstance(gather_distributed, bool):
-        raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
+    _checks.boolean(normalize, "normalize")
+    _checks.boolean(gather_distributed, "gather_distributed")
     world = rank_and_world()[1] if gather_distributed else 1
     if world > 1:  # shapes and labels checked across ranks: every rank raises the same error
         sizes = _check_ranks(features, labels)
@@ -593,11 +591,9 @@ class SupConLoss(torch.nn.Module):
         self.base_temperature = (None if base_temperature is None
                                  else _checks.temperature(base_temperature, "base_temperature"))
         self.positives = _checks.choice(positives, "positives", POSITIVES)
-        self.normalize = normalize
+        self.normalize = _checks.boolean(normalize, "normalize")
         self.backend = _checks.choice(backend, "backend", _backend.BACKENDS)
-        if not isinstance(gather_distributed, bool):
-            raise TypeError(f"gather_distributed must be a bool, got {type(gather_distributed).__name__}")
-        self.gather_distributed = gather_distributed
+        self.gather_distributed = _checks.boolean(gather_distributed, "gather_distributed")
 
     def forward(self, features: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return sup_con(features, labels, self.temperature, base_temperature=self.base_temperature,

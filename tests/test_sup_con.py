@@ -636,6 +636,10 @@ def test_bad_input_names_the_argument():
         sslops.sup_con(f, backend="fastest")
     with pytest.raises(TypeError, match="gather_distributed"):
         sslops.sup_con(f, gather_distributed=1)
+    with pytest.raises(TypeError, match="normalize"):  # at construction, not at the first forward
+        sslops.SupConLoss(normalize="False")
+    with pytest.raises(TypeError, match="gather_distributed"):
+        sslops.SupConLoss(gather_distributed="no")
 
 
 @pytest.mark.skipif("cpu" not in OUT_BACKENDS, reason="sslops._C has no CPU kernels here")

@@ -125,8 +125,7 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False, *,
                 need_weights: bool = False):
         _checks.tensor(x, "x", ndim=3)
-        if not isinstance(is_causal, bool):
-            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        _checks.boolean(is_causal, "is_causal")
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         gate = self.gate(x).sigmoid() if self.gate is not None else None
