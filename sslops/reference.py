@@ -252,7 +252,8 @@ def causal_mask(lq, lk, device=None):
 
 def attention(q, k, v, scale=None, causal=False):
     """softmax(scale * q k^T) v.  q (..., Lq, D), k and v (..., Lk, D); scale
-    defaults to 1/sqrt(D).  Rows without a visible key (Lk == 0) give 0.
+    defaults to 1/sqrt(D).  Rows without a visible key (Lk == 0), or whose
+    scores are all -inf, give 0 (as SDPA).
     Returns (..., Lq, D) in q's dtype."""
     out_dtype = q.dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -262,7 +263,11 @@ def attention(q, k, v, scale=None, causal=False):
         s = s.masked_fill(~causal_mask(s.shape[-2], s.shape[-1], s.device), float("-inf"))
     if s.shape[-1] == 0:
         return torch.zeros(*q.shape[:-1], v.shape[-1], dtype=out_dtype, device=q.device)
-    p = torch.softmax(s, dim=-1)
+    # SDPA's softmax (torch's _safe_softmax): a row whose scores are all -inf
+    # (every key masked, or -inf scores) gives p = 0, so o = 0, not NaN, and
+    # its score gradients are 0 (the row is shifted off -inf before the softmax).
+    empty = (s == float("-inf")).all(dim=-1, keepdim=True)
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     return (p @ c).to(out_dtype)
 
 

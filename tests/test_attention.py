@@ -167,6 +167,55 @@ def test_float64_is_exact(backend):
     _check(_dense(backend, True), _math(True), inputs, up, dtype=torch.float64, tol=1e-12, what="fp64")
 
 
+# Non-finite inputs: the output has NaN / inf where float64 math has them and the
+# same values elsewhere; a row whose scores are all -inf gives 0, as SDPA's softmax
+# (torch's _safe_softmax) does.  Without a causal mask the gradients match too, NaN
+# and inf positions included (a NaN row used to leave lse = -inf, "no key", so its
+# p was 0 in the backward and dv came out finite where math gives NaN).  With a
+# causal mask the gradient's NaN pattern differs between SDPA and math themselves
+# (masked entries of a NaN row), so only the output is compared there.
+NON_FINITE = [(val, which) for val in (math.nan, math.inf, -math.inf) for which in "qkv"]
+
+
+def _non_finite_inputs(val, which, dtype=torch.float64):
+    q, k, v = _qkv(1, 2, 6, 7, 16, seed=11)
+    {"q": q, "k": k, "v": v}[which][0, 0, 2, 3] = val
+    if which == "q" and val == -math.inf:  # row 2's scores all -inf (both masks)
+        k[0, 0, :, 3] = k[0, 0, :, 3].abs() + 0.5
+    return [t.to(dtype) for t in (q, k, v)]
+
+
+def _same_special_values(actual, expected, what, tol):
+    a, e = actual.double(), expected.double()
+    for kind in ("isnan", "isposinf", "isneginf"):
+        assert torch.equal(getattr(a, kind)(), getattr(e, kind)()), f"{what}: {kind} positions differ"
+    finite = e.isfinite()
+    _close(a[finite], e[finite], what, tol)
+
+
+def _check_non_finite(backend, causal, val, which, dtype=torch.float64, tol=1e-10):
+    inputs = _non_finite_inputs(val, which, dtype)
+    up = torch.randn(1, 2, 6, 16, generator=_gen(12), dtype=torch.float64)
+    out, grads = _grads(_dense(backend, causal), inputs, up, dtype)
+    ref_out, ref_grads = _oracle(_math(causal), inputs, up)
+    what = f"{backend} {val} in {which} causal={causal}"
+    _same_special_values(out, ref_out, f"{what} out", tol)
+    if which == "q" and val == -math.inf:
+        assert torch.equal(out[0, 0, 2], torch.zeros_like(out[0, 0, 2])), f"{what}: all -inf row is not 0"
+        sd = F.scaled_dot_product_attention(*inputs, is_causal=causal)
+        assert torch.equal(sd[0, 0, 2], out[0, 0, 2]), f"{what}: SDPA's all -inf row differs"
+    if not causal:
+        for name, g, rg in zip("qkv", grads, ref_grads):
+            _same_special_values(g, rg, f"{what} d{name}", tol)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("val,which", NON_FINITE)
+def test_non_finite_inputs_as_math(backend, causal, val, which):
+    _check_non_finite(backend, causal, val, which)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_inputs(backend, dtype):
@@ -741,6 +790,13 @@ def test_emu_varlen(causal, case):
     ref = lambda a, b, c: reference.attention_varlen(a, b, c, cu_q, cu_k, None, causal)
     _emu_check(lambda a, b, c: sslops.attention_varlen(a, b, c, cu_q, cu_k, causal=causal, backend="emu"),
                (q, k, v), ref, up, torch.float16, f"emu varlen {case}")
+
+
+@pytest.mark.emu
+@pytest.mark.parametrize("causal", [False, True])
+def test_emu_non_finite_inputs_as_math(causal):
+    for val, which in NON_FINITE:
+        _check_non_finite("emu", causal, val, which, torch.float16, EMU_TOL[torch.float16])
 
 
 @pytest.mark.emu

@@ -175,6 +175,36 @@ def test_varlen(causal, lens_q, lens_k):
            what=f"varlen {lens_q}")
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_inputs_as_math(causal):
+    """As tests/test_attention.py's test of the C++ kernels: NaN / inf land where
+    float64 math puts them (gradients compared without the causal mask only), and a
+    row whose scores are all -inf gives 0 as SDPA does."""
+    import math
+
+    for val in (math.nan, math.inf, -math.inf):
+        for which in range(3):
+            inputs = list(_qkv(1, 2, 6, 7, 16, seed=11))
+            inputs[which][0, 0, 2, 3] = val
+            if which == 0 and val == -math.inf:
+                inputs[1][0, 0, :, 3] = inputs[1][0, 0, :, 3].abs() + 0.5
+            leaves = [x.to(DEVICE, torch.float32).requires_grad_() for x in inputs]
+            ref_leaves = [x.clone().requires_grad_() for x in inputs]
+            up = torch.randn(1, 2, 6, 16, generator=_gen(12), dtype=torch.float64)
+            out, ref = _dense(causal)(*leaves), _math(causal)(*ref_leaves)
+            pairs = [("out", out, ref)]
+            if not causal:
+                grads = torch.autograd.grad(out, leaves, up.to(DEVICE, torch.float32))
+                pairs += zip(("dq", "dk", "dv"), grads, torch.autograd.grad(ref, ref_leaves, up))
+            for name, a, e in pairs:
+                a, what = a.detach().double().cpu(), f"{val} in {'qkv'[which]} causal={causal} {name}"
+                for kind in ("isnan", "isposinf", "isneginf"):
+                    assert torch.equal(getattr(a, kind)(), getattr(e, kind)()), f"{what}: {kind} positions differ"
+                _close(a[e.isfinite()], e[e.isfinite()], what, 3e-5)
+            if which == 0 and val == -math.inf:
+                assert torch.equal(out[0, 0, 2].cpu(), torch.zeros(16)), "an all -inf row is not 0"
+
+
 def test_float16():
     inputs = _qkv(1, 2, 40, 40, 32, seed=11)
     up = torch.randn(1, 2, 40, 32, generator=_gen(11), dtype=torch.float64)

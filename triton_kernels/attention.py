@@ -136,7 +136,7 @@ def _attn_fwd_kernel(
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         m_i = m_new
 
-    has = l_i > 0.0
+    has = l_i != 0.0  # an empty row (l = 0) gives o = 0, lse = -inf; a NaN l stays NaN (as csrc/common/attention.h)
     inv_l = tl.where(has, 1.0 / tl.where(has, l_i, 1.0), 0.0)
     o = acc * inv_l[:, None]
     lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * 0.6931471805599453, float("-inf"))

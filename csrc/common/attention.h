@@ -126,16 +126,20 @@ SSLOPS_HD void online_merge(T& m, T& l, T m_new, T tile_sum, T alpha) {
   m = m_new;
 }
 
-// 1 / l, the factor of the accumulator that gives o; 0 for a row with no key.
+// 1 / l, the factor of the accumulator that gives o; 0 for a row with no key
+// (l == 0).  A NaN l (a NaN score, or exp(inf - inf) from a +inf one) stays
+// NaN, as the reference softmax's row does.
 template <typename T>
 SSLOPS_HD T out_scale(T l) {
-  return l > T(0) ? T(1) / l : T(0);
+  return l == T(0) ? T(0) : T(1) / l;
 }
 
-// lse = m + log(l); -inf for a row with no key.
+// lse = m + log(l); -inf for a row with no key.  A NaN l gives a NaN lse (never
+// the -inf of an empty row), so the backward's p for that row is NaN
+// everywhere, as the reference's gradient is.
 template <typename T>
 SSLOPS_HD T lse_finalize(T m, T l) {
-  return l > T(0) ? m + log_(l) : neg_inf<T>();
+  return l == T(0) ? neg_inf<T>() : m + log_(l);
 }
 
 // ---------------------------------------------------------------- backward
