@@ -5,8 +5,9 @@ after ``benchmark(...)``; at the end of the run a table per group prints each
 implementation's mean time, its speed-up over the group's baseline measured in
 the same run, its extra peak memory, TFLOP/s when ``flops=`` is given, and a
 rate column with ``throughput=(items, unit)`` (e.g. ``(batch, "img/s")``: items
-per call over the time); ``stat="min"`` uses the best round instead of the mean
-(for noisy machines).
+per call over the time); ``stat="min"`` uses the best round instead of the mean,
+``stat="median"`` the middle one (for noisy machines).  ``rounds_for`` sizes the
+rounds of a short call so that its statistic is not five samples of noise.
 """
 from __future__ import annotations
 
@@ -63,10 +64,18 @@ def peak_memory(device):
         out["mb"] = max(0, _status_kb("VmHWM") - before) / 1024
 
 
+def rounds_for(seconds_per_call, floor, budget=0.5, cap=200):
+    """Rounds of one iteration for a call that took seconds_per_call once warm:
+    enough to fill about budget seconds, at least floor, at most cap."""
+    if not seconds_per_call or seconds_per_call <= 0:
+        return floor
+    return int(min(cap, max(floor, budget / seconds_per_call)))
+
+
 @pytest.fixture
 def record():
     def _record(group, impl, benchmark, peak_mb=None, baseline=False, flops=None, throughput=None, stat="mean"):
-        assert stat in ("mean", "min"), stat
+        assert stat in ("mean", "min", "median"), stat
         stats = getattr(benchmark, "stats", None)
         value = getattr(stats.stats, stat) if stats is not None and getattr(stats, "stats", None) else None
         if value is not None:
