@@ -52,6 +52,7 @@ def test_end_to_end_outputs(beton, tmp_path):
     assert final["final"] and 0 <= final["knn_top1"] <= 1 and 0 <= final["knn_top1_init"] <= 1
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
     assert {"model", "optimizer", "rng", "epoch", "config"} <= set(ckpt) and ckpt["epoch"] == 1
+    assert ckpt["config"]["flip_p"] == 0.5 and ckpt["config"]["crop_min"] == 0.25  # the recipe is on record
     encoder = torch.load(out / "encoder.pt", weights_only=True)
     backbone = methods.make_backbone("tiny")
     backbone.load_state_dict(encoder)  # strict: exactly the backbone's keys
@@ -117,13 +118,14 @@ def test_no_decay_groups_hold_bias_and_norm():
 # RuntimeError traceback, a negative --knn-bank dropped bank images silently
 BAD_VALUES = {"clip_grad": ["--clip-grad", "-1"], "weight_decay": ["--weight-decay", "-0.1"],
               "warmup_nan": ["--warmup-epochs", "nan"], "temperature": ["--temperature", "0"],
-              "lr_inf": ["--lr", "inf"], "threads": ["--threads", "-1"], "knn_bank": ["--knn-bank", "-5"]}
+              "lr_inf": ["--lr", "inf"], "threads": ["--threads", "-1"], "knn_bank": ["--knn-bank", "-5"],
+              "flip_nan": ["--flip-p", "nan"], "flip_high": ["--flip-p", "1.5"]}
 
 
 @pytest.mark.parametrize("case", ["missing", "out_is_file", "arch", "method", "resume_nothing", "not_empty",
                                   "resume_other_arch", "resume_other_method", "resume_corrupt", "precision",
                                   "clip_grad", "weight_decay", "warmup_nan", "temperature", "lr_inf", "threads",
-                                  "knn_bank"])
+                                  "knn_bank", "flip_nan", "flip_high"])
 def test_bad_input_one_line(beton, tmp_path, capsys, case):
     out = tmp_path / "out"
     args = _args(beton, out)
@@ -168,6 +170,33 @@ def test_bad_input_one_line(beton, tmp_path, capsys, case):
     if case in BAD_VALUES:  # refused before any work, naming the option
         assert BAD_VALUES[case][0] in err[0], err
         assert not out.exists()
+
+
+@pytest.mark.parametrize("data, flip, expected", [(False, None, 0.0), (True, None, 0.5), (False, "0.3", 0.3),
+                                                   (True, "0", 0.0)])
+def test_flip_default_depends_on_the_data(beton, tmp_path, data, flip, expected):
+    """Mirrored digits are other symbols: no flips on the embedded default unless asked; SimCLR's 0.5 with --data."""
+    args = ["--out", str(tmp_path / "out")] + (["--data", str(beton)] if data else []) + \
+        (["--flip-p", flip] if flip is not None else [])
+    cfg = cli.build_parser().parse_args(args)
+    cli._check(cfg)
+    assert cfg.flip_p == expected
+
+
+def test_recipe_takes_crop_min_and_flip_p(beton, tmp_path, monkeypatch):
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def views(recipe, **kwargs):
+        seen.append(recipe)
+        raise Stop
+
+    monkeypatch.setattr(loop, "SSLViews", views)
+    with pytest.raises(Stop):
+        cli.main(_args(beton, tmp_path / "out", "--flip-p", "0.125", "--crop-min", "0.5"))
+    assert seen[0].flip_p == 0.125 and seen[0].scale == (0.5, 1.0)
 
 
 def test_corrupt_beton_subprocess(tmp_path):

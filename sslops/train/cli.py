@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--crop-min", type=float, default=0.25, help="smallest random-resized-crop area fraction "
                    "(SimCLR's recipe otherwise; the paper uses 0.08, small digits keep their identity above 0.25)")
+    p.add_argument("--flip-p", type=float, default=None, help="horizontal-flip probability of the SimCLR views "
+                   "(default: 0 on the embedded digits, whose mirror images are other symbols; 0.5, SimCLR's "
+                   "recipe, with --data)")
     p.add_argument("--precision", default="auto", help="auto (bf16 autocast on GPU, fp32 on CPU), fp32, bf16 or fp16")
     p.add_argument("--clip-grad", type=float, default=0.0, help="max gradient norm (0: off)")
     p.add_argument("--num-workers", type=int, default=2, help="ffcv decoding threads (explicit)")
@@ -83,6 +86,10 @@ def _check(cfg) -> None:
         raise ValueError(f"--batch-size must be >= 2 (contrastive negatives), got {cfg.batch_size}")
     if not 0 < cfg.crop_min <= 1:
         raise ValueError(f"--crop-min must be in (0, 1], got {cfg.crop_min}")
+    if cfg.flip_p is None:
+        cfg.flip_p = 0.0 if cfg.data is None else 0.5
+    if not 0 <= cfg.flip_p <= 1:  # also NaN
+        raise ValueError(f"--flip-p must be a probability in [0, 1], got {cfg.flip_p}")
     if not 0 < cfg.lr < math.inf:
         raise ValueError(f"--lr must be finite and > 0, got {cfg.lr}")
     if cfg.method == "simclr" and not 0 < cfg.temperature < math.inf:

@@ -20,7 +20,7 @@ from sslops.data.loader import (ViewLoader, beton_length, constant_image_size, e
 from . import knn, methods, optim
 
 CONFIG_KEYS = ("method", "arch", "batch_size", "epochs", "lr", "optimizer", "weight_decay", "warmup_epochs",
-               "temperature", "seed", "size", "precision", "world_size")
+               "temperature", "crop_min", "flip_p", "seed", "size", "precision", "world_size")
 MAE_RECIPE = Recipe(scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0))
 TRACE_ENV = "SSLOPS_TRAIN_TRACE"  # test hook: a directory where each rank writes what it saw (tests/test_train_ddp.py)
 
@@ -141,7 +141,8 @@ def train(cfg: SimpleNamespace) -> dict:
             core = torch.nn.SyncBatchNorm.convert_sync_batchnorm(core)
     model = torch.nn.parallel.DistributedDataParallel(core) if world > 1 else core
     if cfg.method == "simclr":
-        views = SSLViews(Recipe(scale=(cfg.crop_min, 1.0)), size=cfg.size, views=2, validate=False)
+        recipe = Recipe(scale=(cfg.crop_min, 1.0), flip_p=cfg.flip_p)
+        views = SSLViews(recipe, size=cfg.size, views=2, validate=False)
     else:  # MAE: crop and flip only (He et al. 2022)
         views = SSLViews(MAE_RECIPE, size=cfg.size, views=1, validate=False)
     mixed = constant_image_size(cfg.data) is None  # e.g. ImageNet: decode the central square, then crop views
