@@ -297,3 +297,18 @@ def test_loader_keeps_torch_threads(beton):
     assert torch.get_num_threads() == 2
     next(iter(loader.epoch(0)))
     assert torch.get_num_threads() == 2
+
+
+def test_stale_tmp_files_of_dead_writers_are_removed(tmp_path):
+    """A writer killed between torch.save and os.replace leaves <name>.tmp<pid>: the next run removes it."""
+    from sslops.train import loop
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    names = [f"checkpoint.pt.tmp{dead.pid}", f"metrics.jsonl.tmp{dead.pid}", f"encoder.pt.tmp{dead.pid}",
+             f"checkpoint.pt.tmp{os.getpid()}",  # a live writer: kept
+             f"notes.txt.tmp{dead.pid}", "checkpoint.pt.tmpx", "checkpoint.pt"]  # not ours / not a pid: kept
+    for name in names:
+        (tmp_path / name).write_text("x")
+    loop._remove_stale_tmp(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(names[3:])

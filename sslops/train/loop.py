@@ -22,6 +22,7 @@ from . import knn, methods, optim
 CONFIG_KEYS = ("method", "arch", "batch_size", "epochs", "lr", "optimizer", "weight_decay", "warmup_epochs",
                "temperature", "crop_min", "flip_p", "seed", "size", "precision", "world_size")
 MAE_RECIPE = Recipe(scale=(0.2, 1.0), jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0))
+OUTPUTS = ("checkpoint.pt", "metrics.jsonl", "encoder.pt")  # the files written through a .tmp<pid> file
 TRACE_ENV = "SSLOPS_TRAIN_TRACE"  # test hook: a directory where each rank writes what it saw (tests/test_train_ddp.py)
 
 
@@ -74,6 +75,20 @@ def _atomic_write(path: str, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _remove_stale_tmp(out: str) -> None:
+    """Delete ``<name>.tmp<pid>`` files that a killed writer left behind (its pid no longer runs)."""
+    for name in os.listdir(out):
+        stem, sep, pid = name.rpartition(".tmp")
+        if not sep or stem not in OUTPUTS or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            os.remove(os.path.join(out, name))
+        except PermissionError:  # a live process of another user
+            pass
 
 
 def _read_metrics(path: str):
@@ -157,6 +172,8 @@ def train(cfg: SimpleNamespace) -> dict:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
 
     start_epoch, kept = 0, []
+    if rank == 0 and os.path.isdir(out):
+        _remove_stale_tmp(out)
     if cfg.resume:
         ckpt = _load_checkpoint(ckpt_path, cfg)
         core.load_state_dict(ckpt["model"])
