@@ -42,6 +42,10 @@ def _args(beton, out, *extra):
 
 def test_end_to_end_outputs(beton, tmp_path):
     out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (out / f"checkpoint.pt.tmp{dead.pid}").write_bytes(b"torn")  # a writer killed mid-save: removed at start
     assert cli.main(_args(beton, out)) == 0
     records = [json.loads(line) for line in open(out / "metrics.jsonl")]
     epochs = [r for r in records if not r.get("final")]

@@ -62,14 +62,19 @@ class TrainError(ValueError):
     """Bad input found by the trainer (reported as one line by the CLI)."""
 
 
+def _tmp_path(path: str, pid: int | None = None) -> str:
+    """Where a writer puts ``path`` before os.replace: ``<path>.tmp<pid>`` (_remove_stale_tmp parses it)."""
+    return f"{path}.tmp{os.getpid() if pid is None else pid}"
+
+
 def _atomic_save(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp_path(path)
     torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = _tmp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
@@ -80,8 +85,8 @@ def _atomic_write(path: str, text: str) -> None:
 def _remove_stale_tmp(out: str) -> None:
     """Delete ``<name>.tmp<pid>`` files that a killed writer left behind (its pid no longer runs)."""
     for name in os.listdir(out):
-        stem, sep, pid = name.rpartition(".tmp")
-        if not sep or stem not in OUTPUTS or not pid.isdigit():
+        stem, _, pid = name.rpartition(".tmp")
+        if stem not in OUTPUTS or not pid.isdigit() or name != _tmp_path(stem, int(pid)):
             continue
         try:
             os.kill(int(pid), 0)
