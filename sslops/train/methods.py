@@ -71,8 +71,9 @@ class SimCLR(nn.Module):
     def forward(self, views, images=None, generator=None):  # images, generator: MAE's call, unused here
         x1, x2 = views
         z = self.projector(self.backbone(torch.cat([x1, x2])))
-        z1, z2 = z.chunk(2)
-        return sslops.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
+        z1, z2 = z.float().chunk(2)  # the loss in fp32 under bf16/fp16 autocast (as cross-entropy would be)
+        with torch.autocast(z.device.type, enabled=False):
+            return sslops.nt_xent(z1, z2, self.temperature, gather_distributed=self.gather_distributed)
 
 
 def make_method(method: str, arch: str, *, size: int = 32, **kwargs) -> nn.Module:
