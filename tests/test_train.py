@@ -64,9 +64,13 @@ def test_end_to_end_outputs(beton, tmp_path):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
-def test_resume_is_bitwise_equal(beton, tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])  # auto is one of them, by the CPU: test both
+def test_resume_is_bitwise_equal(beton, tmp_path, monkeypatch, precision):
+    def args(out, *extra):
+        return _args(beton, out, "--precision", precision, *extra)
+
     full = tmp_path / "full"
-    assert cli.main(_args(beton, full)) == 0
+    assert cli.main(args(full)) == 0
 
     part = tmp_path / "part"
     real_save = loop._atomic_save
@@ -77,10 +81,10 @@ def test_resume_is_bitwise_equal(beton, tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(loop, "_atomic_save", save_then_die)
-    assert cli.main(_args(beton, part)) == 130
+    assert cli.main(args(part)) == 130
     monkeypatch.setattr(loop, "_atomic_save", real_save)
     assert not (part / "encoder.pt").exists()
-    assert cli.main(_args(beton, part, "--resume")) == 0
+    assert cli.main(args(part, "--resume")) == 0
 
     a = torch.load(full / "encoder.pt", weights_only=True)
     b = torch.load(part / "encoder.pt", weights_only=True)
@@ -185,6 +189,41 @@ def test_flip_default_depends_on_the_data(beton, tmp_path, data, flip, expected)
     cfg = cli.build_parser().parse_args(args)
     cli._check(cfg)
     assert cfg.flip_p == expected
+
+
+@pytest.mark.parametrize("device, native, expected", [("cpu", True, "bf16"), ("cpu", False, "fp32"),
+                                                     ("cpu", None, None), ("cuda", False, "bf16")])
+def test_precision_auto(tmp_path, monkeypatch, device, native, expected):
+    """auto: bf16 autocast on a GPU and on a CPU with native bf16 instructions, fp32 on other CPUs."""
+    if native is None:  # this machine: the private torch capability probe against the kernel's cpu flags
+        flags = set()
+        if os.path.exists("/proc/cpuinfo"):
+            flags = {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split()}
+        if not flags:
+            pytest.skip("no /proc/cpuinfo flags to compare with")
+        expected = "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+    else:
+        monkeypatch.setattr(cli, "cpu_has_native_bf16", lambda: native)
+    if device == "cuda":
+        monkeypatch.setattr(cli, "check_device", lambda device, error=ValueError: None)
+    cfg = cli.build_parser().parse_args(["--out", str(tmp_path / "out"), "--device", device])
+    cli._check(cfg)
+    assert cfg.precision == expected
+
+
+def test_simclr_loss_is_fp32_under_autocast():
+    torch.manual_seed(0)
+    model = methods.make_method("simclr", "tiny")
+    views = [torch.randn(8, 3, 32, 32) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(views)
+        z = model.projector(model.backbone(torch.cat(views)))
+    assert z.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    import sslops
+    want = sslops.nt_xent(*z.float().chunk(2), model.temperature, backend="reference")
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
 
 
 def test_recipe_takes_crop_min_and_flip_p(beton, tmp_path, monkeypatch):
