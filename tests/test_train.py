@@ -12,6 +12,7 @@ import torch
 pytest.importorskip("ffcv")
 pytest.importorskip("mlxtend")
 
+import sslops  # noqa: E402
 from sslops import SSLViews  # noqa: E402
 from sslops.data import ViewLoader, embedded_dataset, split_indices, write_beton  # noqa: E402
 from sslops.train import cli, loop, methods, optim  # noqa: E402
@@ -219,7 +220,6 @@ def test_simclr_loss_is_fp32_under_autocast():
         loss = model(views)
         z = model.projector(model.backbone(torch.cat(views)))
     assert z.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    import sslops
     want = sslops.nt_xent(*z.float().chunk(2), model.temperature, backend="reference")
     torch.testing.assert_close(loss, want)
     loss.backward()

@@ -122,7 +122,8 @@ def _check(cfg) -> None:
 
 def cpu_has_native_bf16() -> bool:
     """True where this CPU runs bf16 convolutions and GEMMs natively (AVX512-BF16 or AMX-BF16): there bf16
-    autocast made the default run 1.4-1.9x faster on a Zen 4 (bench/RESULTS.md); elsewhere bf16 is emulated: fp32."""
+    autocast made the default run 1.4-1.9x faster on a Zen 4 (bench/RESULTS.md); elsewhere fp32 (bf16 on such
+    CPUs was not measured)."""
     import torch
 
     try:
